@@ -1,0 +1,365 @@
+"""Typed, validated quantization configs.
+
+Three levels:
+
+* `TensorQuant`: how one operand (a kernel or a layer input) is quantized.
+* `LayerQuant`: the weight and input configs of one `QuantDense` / `QuantConv`.
+* `ModelQuant`: a default `LayerQuant` plus per-layer overrides, matched by
+  regular expression on the module path (first match wins).
+
+Every field is checked when the object is built, so a bad value fails with an
+error naming the field and its allowed values, never deep inside a trace.
+
+Granularity is defined by the operand's role in the contraction:
+
+* ``per_tensor``: one scale for the whole operand.
+* ``per_channel``: one scale per index of the non-contracting axes: per output
+  channel for a kernel; per row (dense) or per example (conv) for an input.
+  This is AQT's "calibration over the contracting axes".
+* ``per_in_channel``: one scale per input feature (the contracted feature axis).
+  Fake-quant only: such scales do not factor out of an integer contraction.
+* ``per_group``: the input-feature axis is cut into groups of ``group_size``;
+  one scale per group and per non-contracting index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Iterable, Sequence
+
+METHODS = ("float", "bf16", "uniform", "lsq", "pact", "dq")
+GRIDS = ("full", "restricted", "aqt", "unsigned", "asymmetric")
+GRANULARITIES = ("per_tensor", "per_channel", "per_in_channel", "per_group")
+CALIBRATIONS = ("dynamic", "static")
+ROUNDINGS = ("half_even", "half_away")
+EXECUTIONS = ("fake", "int")
+LSQ_INITS = ("data",)
+DQ_INITS = ("kmeans", "uniform")
+
+MIN_BITS, MAX_BITS = 2, 8
+
+
+def _check_choice(cls: str, field: str, value: Any, allowed: Sequence[Any]):
+  if value not in allowed:
+    raise ValueError(
+        f"{cls}.{field}={value!r} is not allowed; allowed values: "
+        f"{', '.join(repr(a) for a in allowed)}"
+    )
+
+
+def _check_range(cls: str, field: str, value: Any, lo, hi, *, low_open=False,
+                 high_open=False):
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if ok:
+    ok = (value > lo if low_open else value >= lo) and (
+        value < hi if high_open else value <= hi)
+  if not ok:
+    lb = "(" if low_open else "["
+    hb = ")" if high_open else "]"
+    raise ValueError(
+        f"{cls}.{field}={value!r} is out of range; allowed: {lb}{lo}, {hi}{hb}"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorQuant:
+  """Quantization of one operand.
+
+  Attributes:
+    method: ``float`` (pass-through), ``bf16`` (operand rounded to bfloat16),
+      ``uniform`` (int-b, range from calibration), ``lsq`` (learned step),
+      ``pact`` (learned clip, activations only), ``dq`` (Direct Quantization:
+      learnable levels for weights, channel-error-weighted clip for inputs).
+    bits: integer width, 2..8 (ignored by ``float`` / ``bf16``).
+    grid: ``full`` [-2^(b-1), 2^(b-1)-1] with absmax mapped to 2^(b-1)-0.5;
+      ``restricted`` +-(2^(b-1)-1) with absmax mapped to 2^(b-1)-1 (AQT's
+      preserve_max_val); ``aqt`` AQT v2 numerics: absmax mapped to
+      2^(b-1)-0.5, clip +-(2^(b-1)-1); ``unsigned`` [0, 2^b-1] (post-ReLU);
+      ``asymmetric`` [0, 2^b-1] with a zero point.
+    granularity: see the module docstring.
+    group_size: size of a group along the input-feature axis (``per_group``).
+    calibration: ``dynamic`` (range from the current tensor) or ``static``
+      (EMA of batch ranges kept in the ``quant_stats`` collection, updated
+      while that collection is mutable, frozen otherwise). Inputs only.
+    ema_decay: decay of the static-range EMA.
+    rounding: ``half_even`` (``jnp.round``, AQT's) or ``half_away``.
+    pact_init: initial PACT clip value.
+    dq_init: DQ level initialisation, ``kmeans`` (Lloyd-Max) or ``uniform``.
+    dq_err_weight: weight of the channel-error auxiliary objective (DQ inputs).
+  """
+
+  method: str = "float"
+  bits: int | None = None
+  grid: str = "full"
+  granularity: str = "per_tensor"
+  group_size: int | None = None
+  calibration: str = "dynamic"
+  ema_decay: float = 0.99
+  rounding: str = "half_even"
+  pact_init: float = 10.0
+  dq_init: str = "kmeans"
+  dq_err_weight: float = 1.0
+
+  def __post_init__(self):
+    c = "TensorQuant"
+    _check_choice(c, "method", self.method, METHODS)
+    _check_choice(c, "grid", self.grid, GRIDS)
+    _check_choice(c, "granularity", self.granularity, GRANULARITIES)
+    _check_choice(c, "calibration", self.calibration, CALIBRATIONS)
+    _check_choice(c, "rounding", self.rounding, ROUNDINGS)
+    _check_choice(c, "dq_init", self.dq_init, DQ_INITS)
+    _check_range(c, "ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
+    _check_range(c, "pact_init", self.pact_init, 0.0, float("inf"),
+                 low_open=True)
+    _check_range(c, "dq_err_weight", self.dq_err_weight, 0.0, float("inf"))
+    if self.quantized:
+      if not isinstance(self.bits, int) or isinstance(self.bits, bool):
+        raise ValueError(
+            f"{c}.bits={self.bits!r} must be an int in [{MIN_BITS}, "
+            f"{MAX_BITS}] for method={self.method!r}")
+      _check_range(c, "bits", self.bits, MIN_BITS, MAX_BITS)
+    elif self.bits is not None:
+      raise ValueError(
+          f"{c}.bits={self.bits!r} must be None for method={self.method!r} "
+          "(unquantized)")
+    if self.granularity == "per_group":
+      if not isinstance(self.group_size, int) or self.group_size < 1:
+        raise ValueError(
+            f"{c}.group_size={self.group_size!r} must be a positive int when "
+            "granularity='per_group'")
+    elif self.group_size is not None:
+      raise ValueError(
+          f"{c}.group_size={self.group_size!r} is only allowed with "
+          "granularity='per_group'")
+    if self.method == "pact" and self.grid != "unsigned":
+      raise ValueError(
+          f"{c}.grid={self.grid!r} is not allowed with method='pact'; "
+          "allowed values: 'unsigned'")
+    if self.method == "pact" and self.granularity != "per_tensor":
+      raise ValueError(
+          f"{c}.granularity={self.granularity!r} is not allowed with "
+          "method='pact'; allowed values: 'per_tensor'")
+    if self.method == "lsq" and self.grid in ("aqt", "asymmetric"):
+      raise ValueError(
+          f"{c}.grid={self.grid!r} is not allowed with method='lsq'; allowed "
+          "values: 'full', 'restricted', 'unsigned'")
+    if self.calibration == "static" and self.method not in ("uniform", "dq"):
+      raise ValueError(
+          f"{c}.calibration='static' is not allowed with method="
+          f"{self.method!r}; allowed methods: 'uniform', 'dq'")
+    if self.calibration == "static" and self.granularity not in (
+        "per_tensor", "per_in_channel"):
+      raise ValueError(
+          f"{c}.granularity={self.granularity!r} is not allowed with "
+          "calibration='static' (a static range cannot depend on the batch); "
+          "allowed values: 'per_tensor', 'per_in_channel'")
+
+  @property
+  def quantized(self) -> bool:
+    return self.method not in ("float", "bf16")
+
+  def replace(self, **kw) -> "TensorQuant":
+    return dataclasses.replace(self, **kw)
+
+
+FLOAT = TensorQuant()
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerQuant:
+  """Quantization of one layer: its kernel and its input.
+
+  Attributes:
+    weight: config of the kernel.
+    input: config of the layer input (activation).
+    execution: ``fake`` (quantize-dequantize, float op; for training) or
+      ``int`` (integer operands through ``lax.dot_general`` /
+      ``lax.conv_general_dilated`` with int32 accumulation, rescaled after;
+      for inference).
+  """
+
+  weight: TensorQuant = FLOAT
+  input: TensorQuant = FLOAT
+  execution: str = "fake"
+
+  def __post_init__(self):
+    c = "LayerQuant"
+    for name in ("weight", "input"):
+      if not isinstance(getattr(self, name), TensorQuant):
+        raise TypeError(f"{c}.{name} must be a TensorQuant, got "
+                        f"{type(getattr(self, name)).__name__}")
+    _check_choice(c, "execution", self.execution, EXECUTIONS)
+    w = self.weight
+    if w.method == "pact":
+      raise ValueError(f"{c}.weight.method='pact' is not allowed (PACT clips "
+                       "activations); allowed: 'float', 'bf16', 'uniform', "
+                       "'lsq', 'dq'")
+    if w.grid in ("unsigned", "asymmetric") and w.quantized:
+      raise ValueError(f"{c}.weight.grid={w.grid!r} is not allowed; allowed "
+                       "values: 'full', 'restricted', 'aqt'")
+    if w.calibration != "dynamic":
+      raise ValueError(f"{c}.weight.calibration={w.calibration!r} is not "
+                       "allowed; allowed values: 'dynamic'")
+    if self.execution == "int":
+      for name in ("weight", "input"):
+        t = getattr(self, name)
+        if t.method not in ("uniform", "lsq", "pact"):
+          raise ValueError(
+              f"{c}.{name}.method={t.method!r} cannot run with "
+              "execution='int'; allowed: 'uniform', 'lsq', 'pact'")
+        if t.granularity == "per_in_channel":
+          raise ValueError(
+              f"{c}.{name}.granularity='per_in_channel' cannot run with "
+              "execution='int' (its scales do not factor out of the "
+              "contraction); allowed: 'per_tensor', 'per_channel', "
+              "'per_group'")
+
+  @property
+  def weight_bits(self) -> int:
+    """Bits of a stored weight (16 for an unquantized kernel, as bf16)."""
+    return self.weight.bits if self.weight.quantized else 16
+
+  @property
+  def input_bits(self) -> int:
+    return self.input.bits if self.input.quantized else 16
+
+  def replace(self, **kw) -> "LayerQuant":
+    return dataclasses.replace(self, **kw)
+
+
+FLOAT_LAYER = LayerQuant()
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelQuant:
+  """A default layer config plus per-layer overrides.
+
+  `rules` is a sequence of ``(regex, LayerQuant)``; the first regex that
+  ``re.search``-es a module path (``'/'``-joined names, e.g.
+  ``'stage1_block0/conv1'``) picks that layer's config; otherwise `default`.
+  """
+
+  default: LayerQuant = FLOAT_LAYER
+  rules: tuple[tuple[str, LayerQuant], ...] = ()
+
+  def __post_init__(self):
+    rules = tuple(tuple(r) for r in self.rules)
+    object.__setattr__(self, "rules", rules)
+    for i, rule in enumerate(rules):
+      if len(rule) != 2 or not isinstance(rule[1], LayerQuant):
+        raise ValueError(f"ModelQuant.rules[{i}] must be (regex, LayerQuant)")
+      try:
+        re.compile(rule[0])
+      except re.error as e:
+        raise ValueError(f"ModelQuant.rules[{i}] pattern {rule[0]!r} is not a "
+                         f"valid regular expression: {e}") from None
+
+  def for_path(self, path: str | Iterable[str]) -> LayerQuant:
+    if not isinstance(path, str):
+      path = "/".join(path)
+    for pattern, lq in self.rules:
+      if re.search(pattern, path):
+        return lq
+    return self.default
+
+  def replace(self, **kw) -> "ModelQuant":
+    return dataclasses.replace(self, **kw)
+
+
+# ---------------------------------------------------------------------------
+# Presets and the one-string model spec.
+# ---------------------------------------------------------------------------
+
+QUANT_METHODS = ("uniform", "aqt", "lsq", "pact", "dq", "dqw", "dqa")
+
+
+def layer_preset(method: str, wbits: int | None, abits: int | None, *,
+                 signed_input: bool = False) -> LayerQuant:
+  """A LayerQuant for a named method at the given widths.
+
+  ``None`` bits leave that side in float. Weights are per output channel,
+  inputs per tensor. `signed_input` picks a signed grid for the input (e.g. a
+  network's first layer sees normalised pixels); otherwise the input is
+  assumed non-negative (post-ReLU) and uses an unsigned grid.
+
+  Methods: ``uniform`` (absmax, dynamic), ``aqt`` (AQT v2 numerics on both
+  sides, per-channel calibration over contracting axes), ``lsq`` (LSQ on both
+  sides), ``pact`` (PACT inputs, uniform weights), ``dq`` (DQ levels for
+  weights and channel-error-weighted inputs), ``dqw`` / ``dqa`` (DQ on one
+  side, uniform on the other).
+  """
+  _check_choice("layer_preset", "method", method, QUANT_METHODS)
+  in_grid = "full" if signed_input else "unsigned"
+
+  def w(m, **kw):
+    if wbits is None:
+      return FLOAT
+    return TensorQuant(method=m, bits=wbits, granularity="per_channel", **kw)
+
+  def a(m, **kw):
+    if abits is None:
+      return FLOAT
+    kw.setdefault("grid", in_grid)
+    return TensorQuant(method=m, bits=abits, **kw)
+
+  if method == "uniform":
+    return LayerQuant(w("uniform"), a("uniform"))
+  if method == "aqt":
+    return LayerQuant(w("uniform", grid="aqt"),
+                      a("uniform", grid="aqt", granularity="per_channel"))
+  if method == "lsq":
+    return LayerQuant(w("lsq"), a("lsq"))
+  if method == "pact":
+    if signed_input:
+      return LayerQuant(w("uniform"), a("uniform"))
+    return LayerQuant(w("uniform"), a("pact"))
+  if method == "dq":
+    return LayerQuant(w("dq"), a("dq"))
+  if method == "dqw":
+    return LayerQuant(w("dq"), a("uniform"))
+  return LayerQuant(w("uniform"), a("dq"))  # dqa
+
+
+_SPEC_RE = re.compile(
+    r"^(?:(?P<method>[a-z]+):)?w(?P<w>\d+|f)a(?P<a>\d+|f)"
+    r"(?:_fl(?P<fl>\d+|f))?$")
+
+
+def parse_spec(spec: str, *, first: str | None = None,
+               last: str | None = None) -> ModelQuant:
+  """Builds a ModelQuant from a one-string spec.
+
+  Grammar: ``float`` | ``bf16`` | ``[METHOD:]wWaA[_flB]`` where W, A, B are
+  bit widths or ``f`` (float), METHOD one of `QUANT_METHODS` (default
+  ``uniform``), and ``_flB`` puts the first and last layer at B bits with
+  uniform quantization (the paper's "first/last at 8 bits"). `first` and
+  `last` are regexes naming those layers; the first layer's input is signed.
+  Examples: ``w4a4``, ``lsq:w4a4_fl8``, ``aqt:w8a8``, ``wfa8``.
+  """
+  if spec == "float":
+    return ModelQuant()
+  if spec == "bf16":
+    bf = TensorQuant(method="bf16")
+    return ModelQuant(default=LayerQuant(bf, bf))
+  m = _SPEC_RE.match(spec)
+  if not m:
+    raise ValueError(
+        f"quant spec {spec!r} is not valid; allowed: 'float', 'bf16' or "
+        "'[METHOD:]wWaA[_flB]' with METHOD in "
+        f"{', '.join(QUANT_METHODS)} and W, A, B in 2..8 or 'f'")
+  method = m.group("method") or "uniform"
+  bits = lambda s: None if s in (None, "f") else int(s)  # noqa: E731
+  default = layer_preset(method, bits(m.group("w")), bits(m.group("a")))
+  rules = []
+  if first is not None:
+    if m.group("fl") is not None:
+      fl = bits(m.group("fl"))
+      rules.append((first, layer_preset("uniform", fl, fl, signed_input=True)))
+    else:
+      rules.append((first, layer_preset(
+          method, bits(m.group("w")), bits(m.group("a")), signed_input=True)))
+  if last is not None and m.group("fl") is not None:
+    fl = bits(m.group("fl"))
+    rules.append((last, layer_preset("uniform", fl, fl)))
+  return ModelQuant(default=default, rules=tuple(rules))

@@ -1,0 +1,316 @@
+"""`QuantDense` and `QuantConv`: drop-in for `nn.Dense` / `nn.Conv`.
+
+Same constructor arguments (plus `quant`), same parameter names and shapes,
+so a float checkpoint loads unchanged; quantizers that learn (LSQ steps, PACT
+clips, DQ levels) add parameters next to ``kernel`` whose names end in
+``_lsq_step``, ``_pact_alpha`` or ``_dq_levels``; `aqt_ext.checkpoint_utils`
+fills them in when loading a float checkpoint. Static activation ranges live
+in the ``quant_stats`` collection: updated when that collection is mutable,
+frozen otherwise (like BatchNorm's ``batch_stats``).
+
+Fake quantization (``execution='fake'``) quantizes both operands with
+straight-through gradients masked by clipping, then runs the float op, so the
+gradients are the float op's gradients at the quantized operands, masked.
+Integer execution (``execution='int'``) runs int8/int16 operands through
+``lax.dot_general`` / ``lax.conv_general_dilated`` with int32 accumulation and
+multiplies by the input scale, then the weight scale (AQT's order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.linen import initializers
+from flax.linen.dtypes import promote_dtype
+from flax.linen.linear import canonicalize_padding
+from jax import lax
+
+from aqt_ext import quantizers as qz
+from aqt_ext.config import LayerQuant, ModelQuant, TensorQuant
+
+STATS = "quant_stats"
+default_kernel_init = initializers.lecun_normal()
+
+
+@dataclasses.dataclass
+class Quantized:
+  """A quantized operand: its fake-quant value, or (for int execution) the
+  integer tensor and scale in `view` layout (feature axis split into groups
+  for ``per_group``)."""
+
+  fake: jax.Array | None
+  ints: jax.Array | None = None
+  qp: qz.QParams | None = None
+  grouped: bool = False
+
+
+def _num_per_scale(view_shape, red_axes) -> int:
+  return int(np.prod([view_shape[a] for a in red_axes])) or 1
+
+
+def _static_range(mdl: nn.Module, name: str, batch_rng: dict, decay: float
+                  ) -> dict:
+  """EMA of batch ranges in `quant_stats`; batch range until first update."""
+  count = mdl.variable(STATS, f"{name}_count", lambda: jnp.zeros((), jnp.int32))
+  emas = {k: mdl.variable(STATS, f"{name}_{k}", lambda v=v: jnp.zeros_like(v))
+          for k, v in batch_rng.items()}
+  batch_rng = jax.lax.stop_gradient(batch_rng)
+  if mdl.is_mutable_collection(STATS) and not mdl.is_initializing():
+    first = count.value == 0
+    for k, var in emas.items():
+      var.value = jnp.where(first, batch_rng[k],
+                            decay * var.value + (1 - decay) * batch_rng[k])
+    count.value = count.value + 1
+  trained = count.value > 0
+  return {k: jnp.where(trained, var.value, batch_rng[k])
+          for k, var in emas.items()}
+
+
+def quant_operand(mdl: nn.Module, name: str, x: jax.Array, tq: TensorQuant,
+                  axes: qz.OperandAxes, *, is_weight: bool,
+                  want_int: bool = False) -> Quantized:
+  """Quantizes operand `x` of `mdl` by `tq`; creates the quantizer's state.
+
+  Must be called from inside a compact method of `mdl`.
+  """
+  if tq.method == "float":
+    return Quantized(x)
+  if tq.method == "bf16":
+    return Quantized(qz.bf16_round(x))
+  if tq.method == "dq":
+    from aqt_ext import dq  # pylint: disable=g-import-not-at-top
+    fn = dq.quant_weight if is_weight else dq.quant_input
+    return Quantized(fn(mdl, name, x, tq, axes))
+
+  grouped = tq.granularity == "per_group"
+  if grouped:
+    view, vaxes = qz.split_groups(x, axes, tq.group_size)
+    red = qz.reduce_axes(view.ndim, vaxes, "per_channel")
+  else:
+    view, vaxes = x, axes
+    red = qz.reduce_axes(x.ndim, axes, tq.granularity)
+  bits, grid = tq.bits, tq.grid
+
+  if tq.method == "uniform":
+    rng = qz.observe_range(view, grid, red)
+    if tq.calibration == "static":
+      rng = _static_range(mdl, name, rng, tq.ema_decay)
+    qp = qz.qparams_from_range(rng, grid, bits, tq.rounding)
+    fake_fn = lambda v: qz.fake_quant(v, qp, tq.rounding)  # noqa: E731
+  elif tq.method == "lsq":
+    step = mdl.param(f"{name}_lsq_step",
+                     lambda _: qz.lsq_init_step(view, grid, bits, red))
+    if is_weight:
+      n = view.size // step.size
+    else:  # features per example (paper: number of features)
+      n = _num_per_scale(view.shape, vaxes.contracting)
+    qp = qz.lsq_qparams(step, grid, bits)
+    fake_fn = lambda v: qz.lsq_quant(v, step, grid, bits, n,  # noqa: E731
+                                     tq.rounding)
+  elif tq.method == "pact":
+    alpha = mdl.param(f"{name}_pact_alpha",
+                      lambda _: jnp.full((), tq.pact_init, jnp.float32))
+    qp = qz.pact_qparams(alpha, bits)
+    fake_fn = lambda v: qz.pact_quant(v, alpha, bits, tq.rounding)  # noqa: E731
+  else:
+    raise ValueError(f"TensorQuant.method={tq.method!r}")
+
+  if want_int:
+    return Quantized(None, qz.to_int(view, qp, tq.rounding), qp, grouped)
+  fake = fake_fn(view)
+  return Quantized(fake.reshape(x.shape) if grouped else fake)
+
+
+def _check_int_layouts(x_q: Quantized, w_q: Quantized, conv: bool):
+  if conv and (x_q.grouped or w_q.grouped):
+    raise ValueError("TensorQuant.granularity='per_group' cannot run with "
+                     "LayerQuant.execution='int' in QuantConv; allowed: "
+                     "'per_tensor', 'per_channel'")
+
+
+def _int_dense(x_q: Quantized, w_q: Quantized, out_dtype) -> jax.Array:
+  """Integer dense: int32 accumulation, then * s_x * s_w."""
+  xi, wi = x_q.ints, w_q.ints
+  if xi.dtype != wi.dtype:
+    xi, wi = xi.astype(jnp.int16), wi.astype(jnp.int16)
+  sx, sw = x_q.qp.scale, w_q.qp.scale
+  if not (x_q.grouped or w_q.grouped):
+    acc = lax.dot_general(xi, wi, (((xi.ndim - 1,), (0,)), ((), ())),
+                          preferred_element_type=jnp.int32)
+    return (acc.astype(out_dtype) * sx.astype(out_dtype)
+            * sw.reshape(sw.shape[-1:]).astype(out_dtype))
+  # Grouped: one int dot per group (batch dim G), rescale, sum over groups.
+  g = (x_q.ints.shape[-1] if x_q.grouped else w_q.ints.shape[1])
+  if not x_q.grouped:
+    xi = xi.reshape(xi.shape[:-1] + (xi.shape[-1] // g, g))
+    sx = jnp.expand_dims(sx, -1) if sx.ndim == xi.ndim - 1 else sx
+  if not w_q.grouped:
+    wi = wi.reshape((wi.shape[0] // g, g) + wi.shape[1:])
+    sw = sw.reshape((1, 1) + sw.shape[-1:])
+  acc = lax.dot_general(xi, wi, (((xi.ndim - 1,), (1,)), ((xi.ndim - 2,),
+                                                           (0,))),
+                        preferred_element_type=jnp.int32)  # (G, B..., O)
+  nb = xi.ndim - 2
+  sx_t = jnp.moveaxis(jnp.broadcast_to(sx, xi.shape[:-1] + (1,))
+                      if sx.size > 1 else sx.reshape((1,) * xi.ndim),
+                      -2, 0)  # (G|1, B..., 1)
+  sw_t = sw.reshape((sw.shape[0],) + (1,) * nb + sw.shape[-1:])
+  out = acc.astype(out_dtype) * sx_t.astype(out_dtype) * sw_t.astype(out_dtype)
+  return out.sum(axis=0)
+
+
+def resolve_quant(mdl: nn.Module) -> LayerQuant:
+  """The layer's LayerQuant; a ModelQuant is resolved by the module path."""
+  q = mdl.quant
+  if isinstance(q, ModelQuant):
+    return q.for_path("/".join(str(p) for p in mdl.scope.path))
+  if not isinstance(q, LayerQuant):
+    raise TypeError(f"{type(mdl).__name__}.quant must be a LayerQuant or "
+                    f"ModelQuant, got {type(q).__name__}")
+  return q
+
+
+class QuantDense(nn.Module):
+  """`nn.Dense` with quantized kernel and input (see module docstring)."""
+
+  features: int
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+  kernel_init: Callable = default_kernel_init
+  bias_init: Callable = initializers.zeros_init()
+  quant: LayerQuant | ModelQuant = LayerQuant()
+
+  def layer_quant(self) -> LayerQuant:
+    return resolve_quant(self)
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", self.kernel_init,
+                        (jnp.shape(inputs)[-1], self.features),
+                        self.param_dtype)
+    bias = (self.param("bias", self.bias_init, (self.features,),
+                       self.param_dtype) if self.use_bias else None)
+    inputs, kernel, bias = promote_dtype(inputs, kernel, bias,
+                                         dtype=self.dtype)
+    cfg = resolve_quant(self)
+    want_int = cfg.execution == "int"
+    x_axes = qz.OperandAxes((inputs.ndim - 1,), inputs.ndim - 1)
+    w_axes = qz.OperandAxes((0,), 0)
+    x_q = quant_operand(self, "input", inputs, cfg.input, x_axes,
+                        is_weight=False, want_int=want_int)
+    w_q = quant_operand(self, "kernel", kernel, cfg.weight, w_axes,
+                        is_weight=True, want_int=want_int)
+    if want_int:
+      y = _int_dense(x_q, w_q, inputs.dtype)
+    else:
+      y = lax.dot_general(x_q.fake, w_q.fake,
+                          (((inputs.ndim - 1,), (0,)), ((), ())),
+                          precision=self.precision)
+    if bias is not None:
+      y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    return y
+
+
+class QuantConv(nn.Module):
+  """`nn.Conv` with quantized kernel and input (see module docstring)."""
+
+  features: int
+  kernel_size: int | Sequence[int]
+  strides: None | int | Sequence[int] = 1
+  padding: Any = "SAME"
+  input_dilation: None | int | Sequence[int] = 1
+  kernel_dilation: None | int | Sequence[int] = 1
+  feature_group_count: int = 1
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+  kernel_init: Callable = default_kernel_init
+  bias_init: Callable = initializers.zeros_init()
+  quant: LayerQuant | ModelQuant = LayerQuant()
+
+  def layer_quant(self) -> LayerQuant:
+    return resolve_quant(self)
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    kernel_size = ((self.kernel_size,) if isinstance(self.kernel_size, int)
+                   else tuple(self.kernel_size))
+    nsp = len(kernel_size)
+
+    def tup(v, name):
+      if v is None:
+        return (1,) * nsp
+      if isinstance(v, int):
+        return (v,) * nsp
+      if len(v) != nsp:
+        raise ValueError(f"QuantConv.{name}={v!r} must have {nsp} entries")
+      return tuple(v)
+
+    if isinstance(self.padding, str) and self.padding not in ("SAME",
+                                                               "VALID"):
+      raise ValueError(f"QuantConv.padding={self.padding!r} is not supported;"
+                       " allowed: 'SAME', 'VALID', int or (lo, hi) pairs")
+    padding = canonicalize_padding(self.padding, nsp)
+    # Flatten any leading batch dims into one; add one if there is none.
+    batch_shape = inputs.shape[:-(nsp + 1)]
+    x = inputs.reshape((-1,) + inputs.shape[-(nsp + 1):])
+    in_features = x.shape[-1]
+    if in_features % self.feature_group_count:
+      raise ValueError(
+          f"QuantConv.feature_group_count={self.feature_group_count} must "
+          f"divide the input features ({in_features})")
+    kernel = self.param(
+        "kernel", self.kernel_init,
+        kernel_size + (in_features // self.feature_group_count,
+                       self.features), self.param_dtype)
+    bias = (self.param("bias", self.bias_init, (self.features,),
+                       self.param_dtype) if self.use_bias else None)
+    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+
+    cfg = resolve_quant(self)
+    want_int = cfg.execution == "int"
+    x_axes = qz.OperandAxes(tuple(range(1, nsp + 2)), nsp + 1)
+    w_axes = qz.OperandAxes(tuple(range(nsp + 1)), nsp)
+    x_q = quant_operand(self, "input", x, cfg.input, x_axes, is_weight=False,
+                        want_int=want_int)
+    w_q = quant_operand(self, "kernel", kernel, cfg.weight, w_axes,
+                        is_weight=True, want_int=want_int)
+    dn = lax.conv_dimension_numbers(x.shape, kernel.shape,
+                                    _conv_spec(nsp))
+    conv = dict(window_strides=tup(self.strides, "strides"), padding=padding,
+                lhs_dilation=tup(self.input_dilation, "input_dilation"),
+                rhs_dilation=tup(self.kernel_dilation, "kernel_dilation"),
+                dimension_numbers=dn,
+                feature_group_count=self.feature_group_count)
+    if want_int:
+      _check_int_layouts(x_q, w_q, conv=True)
+      xi, wi = x_q.ints, w_q.ints
+      if xi.dtype != wi.dtype:
+        xi, wi = xi.astype(jnp.int16), wi.astype(jnp.int16)
+      acc = lax.conv_general_dilated(xi, wi, preferred_element_type=jnp.int32,
+                                     **conv)
+      sx, sw = x_q.qp.scale, w_q.qp.scale
+      y = (acc.astype(x.dtype) * sx.astype(x.dtype)
+           * sw.reshape(sw.shape[-1:]).astype(x.dtype))
+    else:
+      y = lax.conv_general_dilated(x_q.fake, w_q.fake,
+                                   precision=self.precision, **conv)
+    if bias is not None:
+      y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
+    return y.reshape(batch_shape + y.shape[1:]) if batch_shape != (
+        y.shape[0],) else y
+
+
+def _conv_spec(nsp: int):
+  sp = "HWDXYZ"[:nsp] if nsp <= 3 else None
+  if sp is None:
+    raise ValueError(f"QuantConv supports 1-3 spatial dims, got {nsp}")
+  return ("N" + sp + "C", sp + "IO", "N" + sp + "C")

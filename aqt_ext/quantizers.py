@@ -1,0 +1,270 @@
+"""Quantizers as small pure JAX functions (jit- and grad-safe).
+
+Conventions (see ../shared/design/methods.md):
+
+* Rounding is ``jnp.round`` (half to even) unless ``half_away`` is asked for.
+* Straight-through estimator with the clipping mask: inside the grid the
+  gradient to the input is 1, outside it is 0; at the boundary it is 1.
+* Quantizing multiplies by the reciprocal of the scale, with an infinite
+  reciprocal replaced by 1, exactly as AQT v2 does (so the ``aqt`` and
+  ``restricted`` grids reproduce AQT's int values bit for bit).
+* A zero tensor or zero group never yields NaN/Inf: a zero range is replaced
+  by 1 before the scale is formed (AQT's zero-group guard).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Axes = tuple[int, ...]
+
+
+# ---------------------------------------------------------------------------
+# Grids and rounding.
+# ---------------------------------------------------------------------------
+
+def grid_range(grid: str, bits: int) -> tuple[float, float]:
+  """Integer range [qmin, qmax] of a grid."""
+  half = 2.0 ** (bits - 1)
+  if grid == "full":
+    return -half, half - 1
+  if grid in ("restricted", "aqt"):
+    return -(half - 1), half - 1
+  if grid in ("unsigned", "asymmetric"):
+    return 0.0, 2.0 ** bits - 1
+  raise ValueError(f"grid={grid!r}")
+
+
+def grid_bound(grid: str, bits: int) -> float:
+  """The grid value that the calibrated maximum maps to."""
+  half = 2.0 ** (bits - 1)
+  if grid in ("full", "aqt"):
+    return half - 0.5
+  if grid == "restricted":
+    return half - 1
+  return 2.0 ** bits - 1  # unsigned, asymmetric: max maps to the top level
+
+
+def round_(x: jax.Array, rounding: str = "half_even") -> jax.Array:
+  if rounding == "half_even":
+    return jnp.round(x)
+  return jnp.sign(x) * jnp.floor(jnp.abs(x) + 0.5)
+
+
+def ste(x: jax.Array, fx: jax.Array) -> jax.Array:
+  """Value fx, gradient of x."""
+  return x + lax.stop_gradient(fx - x)
+
+
+def clip_ste(t: jax.Array, lo, hi) -> jax.Array:
+  """clip(t, lo, hi) with gradient 1 on [lo, hi] (inclusive) and 0 outside."""
+  inside = (t >= lo) & (t <= hi)
+  return jnp.where(inside, t, lax.stop_gradient(jnp.clip(t, lo, hi)))
+
+
+def safe_reciprocal(s: jax.Array) -> jax.Array:
+  inv = lax.reciprocal(s)
+  return jnp.where(jnp.isinf(inv), jnp.ones_like(inv), inv)
+
+
+# ---------------------------------------------------------------------------
+# Axes: granularity -> reduction axes.
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class OperandAxes:
+  """Role of an operand's axes in its contraction.
+
+  contracting: axes summed over by the op (for a conv input: all but batch,
+    since a window spans them).
+  feature: the input-feature axis (one of `contracting`).
+  """
+
+  contracting: Axes
+  feature: int
+
+
+def reduce_axes(ndim: int, axes: OperandAxes, granularity: str) -> Axes:
+  """Axes reduced to form one scale, for a tensor not split into groups."""
+  if granularity == "per_tensor":
+    return tuple(range(ndim))
+  if granularity == "per_channel":
+    return tuple(sorted(a % ndim for a in axes.contracting))
+  if granularity == "per_in_channel":
+    f = axes.feature % ndim
+    return tuple(a for a in range(ndim) if a != f)
+  raise ValueError(f"granularity={granularity!r} needs group handling")
+
+
+def split_groups(x: jax.Array, axes: OperandAxes, group_size: int
+                 ) -> tuple[jax.Array, OperandAxes]:
+  """Splits the feature axis F into (F // g, g); returns the view and axes.
+
+  In the view the in-group axis replaces the feature axis among the
+  contracting axes and the group-index axis is a non-contracting axis, so
+  ``per_channel`` reduction over the view gives per-group scales.
+  """
+  f = axes.feature % x.ndim
+  size = x.shape[f]
+  if size % group_size:
+    raise ValueError(
+        f"TensorQuant.group_size={group_size} must divide the feature axis "
+        f"of size {size}")
+  view = x.reshape(x.shape[:f] + (size // group_size, group_size)
+                   + x.shape[f + 1:])
+  shift = lambda a: a + 1 if a > f else a  # noqa: E731
+  contracting = tuple(shift(a % x.ndim) for a in axes.contracting if
+                      a % x.ndim != f) + (f + 1,)
+  return view, OperandAxes(tuple(sorted(contracting)), f + 1)
+
+
+# ---------------------------------------------------------------------------
+# Calibration and quantization parameters.
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class QParams:
+  """Scale (and zero point) of a quantized operand; q = clip(x/s + z)."""
+
+  scale: jax.Array
+  zero_point: jax.Array | None
+  qmin: float
+  qmax: float
+
+
+jax.tree_util.register_dataclass(
+    QParams, data_fields=["scale", "zero_point"],
+    meta_fields=["qmin", "qmax"])
+
+
+def observe_range(x: jax.Array, grid: str, axes: Axes) -> dict:
+  """The statistic calibration needs: absmax, max, or (min, max)."""
+  if grid in ("full", "restricted", "aqt"):
+    return {"amax": jnp.max(jnp.abs(x), axis=axes, keepdims=True)}
+  if grid == "unsigned":
+    return {"max": jnp.max(x, axis=axes, keepdims=True)}
+  return {"min": jnp.min(x, axis=axes, keepdims=True),
+          "max": jnp.max(x, axis=axes, keepdims=True)}
+
+
+def _guard(r: jax.Array) -> jax.Array:
+  return jnp.where(r <= 0.0, jnp.ones_like(r), r)
+
+
+def qparams_from_range(rng: dict, grid: str, bits: int,
+                       rounding: str = "half_even") -> QParams:
+  """Scale (and zero point) mapping the observed range onto the grid."""
+  qmin, qmax = grid_range(grid, bits)
+  if grid == "asymmetric":
+    lo = jnp.minimum(rng["min"], 0.0)
+    hi = jnp.maximum(rng["max"], 0.0)
+    scale = _guard(hi - lo) / qmax
+    zp = jnp.clip(round_(-lo * safe_reciprocal(scale), rounding), qmin, qmax)
+    return QParams(lax.stop_gradient(scale), lax.stop_gradient(zp), qmin, qmax)
+  r = rng["amax"] if "amax" in rng else rng["max"]
+  scale = _guard(r) / grid_bound(grid, bits)
+  return QParams(lax.stop_gradient(scale), None, qmin, qmax)
+
+
+def quantize(x: jax.Array, qp: QParams, rounding: str = "half_even"
+             ) -> jax.Array:
+  """Integer-valued (float dtype) grid values, with STE and clipping mask.
+
+  Clip before rounding, as AQT does; the gradient w.r.t. x and the scale
+  follows from autodiff of x * (1/s) through the clipping mask, which gives
+  LSQ's step gradient when the scale is a parameter.
+  """
+  t = x * safe_reciprocal(qp.scale).astype(x.dtype)
+  if qp.zero_point is not None:
+    t = t + qp.zero_point.astype(x.dtype)
+  t = clip_ste(t, qp.qmin, qp.qmax)
+  return ste(t, round_(t, rounding))
+
+
+def dequantize(q: jax.Array, qp: QParams) -> jax.Array:
+  if qp.zero_point is not None:
+    q = q - qp.zero_point.astype(q.dtype)
+  return q * qp.scale.astype(q.dtype)
+
+
+def fake_quant(x: jax.Array, qp: QParams, rounding: str = "half_even"
+               ) -> jax.Array:
+  return dequantize(quantize(x, qp, rounding), qp)
+
+
+def int_dtype(qp: QParams):
+  """Smallest signed integer type that holds q - zero_point."""
+  lo = qp.qmin - (qp.qmax if qp.zero_point is not None else 0)
+  hi = qp.qmax
+  return jnp.int8 if (lo >= -128 and hi <= 127) else jnp.int16
+
+
+def to_int(x: jax.Array, qp: QParams, rounding: str = "half_even"
+           ) -> jax.Array:
+  """Integer operand q - zero_point, as int8 (or int16 if it does not fit)."""
+  q = lax.stop_gradient(quantize(x, qp, rounding))
+  if qp.zero_point is not None:
+    q = q - qp.zero_point.astype(q.dtype)
+  return q.astype(int_dtype(qp))
+
+
+def bf16_round(x: jax.Array) -> jax.Array:
+  """Rounds to bfloat16 precision; gradient identity."""
+  return ste(x, x.astype(jnp.bfloat16).astype(x.dtype))
+
+
+# ---------------------------------------------------------------------------
+# LSQ (Esser et al. 2019) and PACT (Choi et al. 2018).
+# ---------------------------------------------------------------------------
+
+def lsq_range(grid: str, bits: int) -> tuple[float, float]:
+  """(Qn, Qp): the grid is [-Qn, Qp]."""
+  qmin, qmax = grid_range(grid, bits)
+  return -qmin, qmax
+
+
+def lsq_init_step(x: jax.Array, grid: str, bits: int, axes: Axes
+                  ) -> jax.Array:
+  """s = 2 mean|x| / sqrt(Qp), reduced over `axes` (keepdims)."""
+  _, qp = lsq_range(grid, bits)
+  mean = jnp.mean(jnp.abs(x), axis=axes, keepdims=True)
+  return jnp.maximum(2.0 * mean / jnp.sqrt(qp), 1e-8)
+
+
+def grad_scale(s: jax.Array, g: float) -> jax.Array:
+  """Value s, gradient scaled by g."""
+  return s * g + lax.stop_gradient(s - s * g)
+
+
+def lsq_quant(x: jax.Array, step: jax.Array, grid: str, bits: int, n: int,
+              rounding: str = "half_even") -> jax.Array:
+  """LSQ fake quant; `n` is the number of elements sharing one step."""
+  qmin, qmax = grid_range(grid, bits)
+  g = 1.0 / float(n * qmax) ** 0.5
+  s = grad_scale(step.astype(x.dtype), g)
+  return fake_quant(x, QParams(s, None, qmin, qmax), rounding)
+
+
+def pact_quant(x: jax.Array, alpha: jax.Array, bits: int,
+               rounding: str = "half_even") -> jax.Array:
+  """PACT: y = clip(x, 0, alpha), uniform on [0, alpha].
+
+  d/d alpha = 1 where x >= alpha, else 0; STE inside (methods.md sec. 3).
+  """
+  alpha = alpha.astype(x.dtype)
+  y = jnp.where(x >= alpha, alpha, jnp.maximum(x, 0.0))
+  qp = pact_qparams(lax.stop_gradient(alpha), bits)
+  return ste(y, fake_quant(lax.stop_gradient(y), qp, rounding))
+
+
+def pact_qparams(alpha: jax.Array, bits: int) -> QParams:
+  return QParams(jnp.asarray(alpha) / (2.0 ** bits - 1), None, 0.0,
+                 2.0 ** bits - 1)
+
+
+def lsq_qparams(step: jax.Array, grid: str, bits: int) -> QParams:
+  qmin, qmax = grid_range(grid, bits)
+  return QParams(step, None, qmin, qmax)
