@@ -43,6 +43,7 @@ DATA_DIR_ENV = "AQT_EXT_DATA_DIR"
 LOCAL_FASHION_MNIST_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
 
 _PREFETCH_BATCHES = 4
+_LOAD_CHUNK = 8192  # Examples per tf.data batch when loading into memory.
 _IMAGENET_SHUFFLE_BUFFER = 10_000
 _IMAGENET_EVAL_RESIZE = 256
 # Tags that separate the random streams derived from one user seed.
@@ -115,8 +116,8 @@ def _spec(name: str) -> _Spec:
   """Returns the constants of dataset `name` or raises a ValueError."""
   if name not in _SPECS:
     raise ValueError(
-        f"Unknown dataset {name!r}: field `dataset` must be one of "
-        f"{sorted(_SPECS)}.")
+        f"dataset={name!r} is not allowed; allowed values: "
+        f"{', '.join(repr(n) for n in _SPECS)}")
   return _SPECS[name]
 
 
@@ -128,8 +129,9 @@ def _resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> str:
 
 def _prepared_split_sizes(name: str, data_dir: str) -> dict[str, int]:
   """Split sizes recorded by TFDS for the newest prepared version, or {}."""
+  version_dirs = "[0-9]*.[0-9]*.[0-9]*"
   info_files = sorted(
-      pathlib.Path(data_dir, name).glob("[0-9]*.[0-9]*.[0-9]*/dataset_info.json"),
+      pathlib.Path(data_dir, name).glob(f"{version_dirs}/dataset_info.json"),
       key=lambda p: tuple(int(part) for part in p.parent.name.split(".")))
   if not info_files:
     return {}
@@ -206,12 +208,13 @@ def _build_from_local_files(builder: Any, source_dir: pathlib.Path) -> None:
   TFDS names a cached download `get_dl_fname(url, sha256)` and trusts a file
   with that name and an `.INFO` sidecar without re-hashing it. We link the
   local files under those names in a temporary download dir and let the
-  builder prepare itself as usual. The registered checksums cannot be
-  verified instead: the Debian files carry a different gzip header (no
-  original file name, different mtime) around the same IDX payload, so each
-  IDX header is checked explicitly.
+  builder prepare itself as usual. The registered sha256 cannot match: the
+  Debian files have a different gzip header (no original-file-name field,
+  which is exactly their size difference, and another mtime). Each file's
+  IDX header (magic number, example count) is checked instead.
   """
-  from tensorflow_datasets.core.download import resource  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from tensorflow_datasets.core.download import resource
   with tempfile.TemporaryDirectory() as download_dir:
     for url, url_info in builder.url_infos.items():
       source = source_dir / url_info.filename
@@ -267,15 +270,15 @@ def _check_positive(field: str, value: int | None, optional: bool = False
   if optional and value is None:
     return
   if not isinstance(value, (int, np.integer)) or value <= 0:
-    allowed = "a positive integer" + (" or None" if optional else "")
-    raise ValueError(f"Field `{field}` must be {allowed}, got {value!r}.")
+    allowed = "positive integers" + (" or None" if optional else "")
+    raise ValueError(f"{field}={value!r} is out of range; allowed: {allowed}")
 
 
 def _check_non_negative(field: str, value: int) -> None:
   """Raises a ValueError naming `field` unless `value` is an int >= 0."""
   if not isinstance(value, (int, np.integer)) or value < 0:
     raise ValueError(
-        f"Field `{field}` must be a non-negative integer, got {value!r}.")
+        f"{field}={value!r} is out of range; allowed: integers >= 0")
 
 
 def _normalise(images: np.ndarray, spec: _Spec) -> np.ndarray:
@@ -327,11 +330,10 @@ def _random_crop_flip(images: np.ndarray, padding: int, flip: bool,
 def _load_arrays(name: str, split: str, data_dir: str
                  ) -> tuple[np.ndarray, np.ndarray]:
   """Decodes a whole split into read-only uint8 images and int32 labels."""
-  tfds = _tfds()
-  builder = _prepared_builder(name, data_dir)
-  arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-  images = np.ascontiguousarray(arrays["image"], dtype=np.uint8)
-  labels = arrays["label"].astype(np.int32)
+  ds = _prepared_builder(name, data_dir).as_dataset(split=split)
+  chunks = list(_tfds().as_numpy(ds.batch(_LOAD_CHUNK)))
+  images = np.concatenate([chunk["image"] for chunk in chunks])
+  labels = np.concatenate([chunk["label"] for chunk in chunks]).astype(np.int32)
   images.flags.writeable = False
   labels.flags.writeable = False
   return images, labels
@@ -357,8 +359,8 @@ class _ArraySource:
     self.steps_per_epoch = len(labels) // batch_size
     if self.steps_per_epoch == 0:
       raise ValueError(
-          f"Field `batch_size` must be at most the number of training "
-          f"examples ({len(labels)}), got {batch_size}.")
+          f"batch_size={batch_size} is out of range; allowed: 1.."
+          f"{len(labels)} (the number of training examples)")
     self._images, self._labels, self._spec = images, labels, spec
     self._batch_size, self._seed, self._augment = batch_size, seed, augment
     self._cached_permutation: tuple[int, np.ndarray] = (-1, np.empty(0))
@@ -414,9 +416,11 @@ def _imagenet_normalise(image: Any, spec: _Spec) -> Any:
 
 def _imagenet_train_example(encoded: Any, label: Any, seed: Any, spec: _Spec,
                             augment: bool) -> tuple[Any, Any]:
-  """Inception-style random resized crop to 224 and random flip."""
+  """Inception-style random resized crop to 224 and random flip.
+
+  Without `augment`, the eval preprocessing (resize, center crop).
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  size = spec.info.image_shape[:2]
   if not augment:
     return _imagenet_eval_example(encoded, label, spec)
   crop_seed, flip_seed = tf.unstack(
@@ -429,7 +433,7 @@ def _imagenet_train_example(encoded: Any, label: Any, seed: Any, spec: _Spec,
       use_image_if_no_bounding_boxes=True)
   window = tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
   image = tf.image.decode_and_crop_jpeg(encoded, window, channels=3)
-  image = tf.image.resize(image, size, antialias=True)
+  image = tf.image.resize(image, spec.info.image_shape[:2], antialias=True)
   image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   return _imagenet_normalise(image, spec), label
 
@@ -469,8 +473,8 @@ class _ImageNetSource:
     self.steps_per_epoch = num_examples // batch_size
     if self.steps_per_epoch == 0:
       raise ValueError(
-          f"Field `batch_size` must be at most the number of training "
-          f"examples ({num_examples}), got {batch_size}.")
+          f"batch_size={batch_size} is out of range; allowed: 1.."
+          f"{num_examples} (the number of training examples)")
     self._builder, self._split, self._spec = builder, split, spec
     self._batch_size, self._seed, self._augment = batch_size, seed, augment
 
@@ -487,7 +491,7 @@ class _ImageNetSource:
             self._spec, self._augment),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(self._batch_size, drop_remainder=True)
-    ds = ds.take(self.steps_per_epoch - first_batch).prefetch(tf.data.AUTOTUNE)
+    ds = ds.prefetch(tf.data.AUTOTUNE)
     for image, label in _tfds().as_numpy(ds):
       yield {"image": image, "label": label.astype(np.int32)}
 

@@ -59,9 +59,15 @@ def ste(x: jax.Array, fx: jax.Array) -> jax.Array:
   return x + lax.stop_gradient(fx - x)
 
 
+# Grid-unit slack of the clipping mask, so that a value on the grid's edge (the
+# calibrated maximum of a `restricted` grid) is inside whether x * (1/s) lands
+# one ulp above or below the edge. Values in the slack still round to the edge.
+_EDGE_SLACK = 1e-4
+
+
 def clip_ste(t: jax.Array, lo, hi) -> jax.Array:
   """clip(t, lo, hi) with gradient 1 on [lo, hi] (inclusive) and 0 outside."""
-  inside = (t >= lo) & (t <= hi)
+  inside = (t >= lo - _EDGE_SLACK) & (t <= hi + _EDGE_SLACK)
   return jnp.where(inside, t, lax.stop_gradient(jnp.clip(t, lo, hi)))
 
 

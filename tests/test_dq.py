@@ -1,0 +1,316 @@
+"""Direct Quantization (aqt_ext.dq): the checks of methods.md sec. 4."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aqt_ext import LayerQuant, QuantConv, QuantDense, TensorQuant
+from aqt_ext import dq
+from aqt_ext import quantizers as qz
+
+KERNEL_AXES = qz.OperandAxes((0, 1, 2), 2)  # a (3, 3, I, O) conv kernel
+
+
+class WeightOnly(nn.Module):
+  """A conv-shaped kernel quantized by `dq.quant_weight`."""
+
+  tq: TensorQuant
+  shape: tuple = (3, 3, 4, 6)
+
+  @nn.compact
+  def __call__(self):
+    kernel = self.param("kernel", nn.initializers.normal(1.0), self.shape)
+    return dq.quant_weight(self, "kernel", kernel, self.tq, KERNEL_AXES)
+
+
+def _weight_model(bits, granularity, dq_init="kmeans", seed=0):
+  mdl = WeightOnly(TensorQuant(method="dq", bits=bits,
+                               granularity=granularity, dq_init=dq_init))
+  return mdl, mdl.init(jax.random.PRNGKey(seed))["params"]
+
+
+def _group_view(w, levels):
+  """(N, G) weights and (G, L) levels."""
+  return (np.asarray(w).reshape(-1, max(1, levels.size // levels.shape[-1])),
+          np.asarray(levels).reshape(-1, levels.shape[-1]))
+
+
+# ---------------------------------------------------------------------------
+# (a) Learnable levels.
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_outputs_are_levels(bits, granularity):
+  mdl, params = _weight_model(bits, granularity)
+  levels = params["kernel_dq_levels"]
+  assert levels.shape == ((6,) if granularity == "per_channel" else ()) + (
+      2 ** bits,)
+  wq = mdl.apply({"params": params})
+  assert wq.shape == params["kernel"].shape
+  w2, lv2 = _group_view(wq, dq.sorted_levels(levels))
+  for g in range(lv2.shape[0]):
+    values = np.unique(w2[:, g])
+    assert len(values) <= 2 ** bits
+    assert np.all(np.isin(values, lv2[g]))
+  # Each weight takes its nearest level.
+  dist = np.abs(np.asarray(params["kernel"]).reshape(w2.shape)[:, :, None]
+                - lv2[None])
+  np.testing.assert_allclose(np.abs(np.asarray(params["kernel"]).reshape(
+      w2.shape) - w2), dist.min(-1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+def test_exact_level_gradient_and_ste(granularity):
+  mdl, params = _weight_model(3, granularity)
+  g = jax.random.normal(jax.random.PRNGKey(1), params["kernel"].shape)
+  grads = jax.grad(lambda p: jnp.sum(g * mdl.apply({"params": p})))(params)
+  levels = params["kernel_dq_levels"]
+  idx = dq.assign(params["kernel"], dq.sorted_levels(levels))
+  num = levels.shape[-1]
+  groups = max(1, levels.size // num)
+  seg = (np.asarray(idx).reshape(-1, groups)
+         + num * np.arange(groups)[None]).ravel()
+  want = jax.ops.segment_sum(np.asarray(g).reshape(-1, groups).ravel(), seg,
+                             num_segments=groups * num)
+  np.testing.assert_allclose(grads["kernel_dq_levels"],
+                             np.asarray(want).reshape(levels.shape),
+                             rtol=1e-5, atol=1e-5)
+  # Latent weights: plain straight-through.
+  np.testing.assert_array_equal(grads["kernel"], g)
+
+
+def test_levels_sorted_and_distinct_after_large_sgd_steps():
+  mdl, params = _weight_model(2, "per_channel")
+  target = 5.0 * jax.random.normal(jax.random.PRNGKey(2),
+                                   params["kernel"].shape)
+
+  @jax.jit
+  def sgd(p):
+    loss = lambda p: jnp.sum((mdl.apply({"params": p}) - target) ** 2)  # noqa: E731
+    return jax.tree_util.tree_map(lambda a, b: a - 3.0 * b, p,
+                                  jax.grad(loss)(p))
+
+  for _ in range(5):
+    params = sgd(params)
+  raw = params["kernel_dq_levels"]
+  assert not np.all(np.diff(raw, axis=-1) > 0)  # the raw param left order
+  used = dq.sorted_levels(raw)
+  assert np.all(np.isfinite(used)) and np.all(np.diff(used, axis=-1) > 0)
+  w2, lv2 = _group_view(mdl.apply({"params": params}), used)
+  assert all(np.all(np.isin(w2[:, g], lv2[g])) for g in range(lv2.shape[0]))
+
+
+def test_sorted_levels_separates_coinciding_levels():
+  for v in (jnp.zeros((4,)), jnp.full((2, 8), 0.3), jnp.array([1., 1, 0, 1])):
+    u = dq.sorted_levels(v)
+    assert np.all(np.isfinite(u)) and np.all(np.diff(u, axis=-1) > 0)
+  v = jnp.array([-1.5, -0.5, 0.5, 1.5])
+  np.testing.assert_array_equal(dq.sorted_levels(v), v)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_kmeans_init_beats_uniform_on_gaussian(bits):
+  w = jax.random.normal(jax.random.PRNGKey(3), (4096,))
+  mse = {m: float(jnp.mean((w - dq.quantize_levels(
+      w, dq.init_levels(w, bits, (0,), m))) ** 2))
+         for m in ("kmeans", "uniform")}
+  assert mse["kmeans"] < 0.9 * mse["uniform"]
+  # Lloyd-Max MSE of N(0, 1): 0.1175 (2 bits), 0.03454 (3 bits).
+  assert mse["kmeans"] == pytest.approx({2: 0.1175, 3: 0.03454}[bits],
+                                        rel=0.1)
+
+
+def test_uniform_init_and_export():
+  w = jax.random.normal(jax.random.PRNGKey(4), (3, 3, 4, 6))
+  uni = dq.init_levels(w, 3, (0, 1, 2), "uniform")
+  s = qz.lsq_init_step(w, "full", 3, (0, 1, 2)).reshape(6, 1)
+  np.testing.assert_allclose(uni, s * np.arange(-4, 4), rtol=1e-6)
+  assert dq.is_uniform(uni)
+  assert not dq.is_uniform(dq.init_levels(w, 3, (0, 1, 2), "kmeans"))
+  idx, table = dq.export_indices(w, uni)
+  assert idx.dtype == jnp.uint8 and idx.shape == w.shape
+  assert int(idx.max()) < 8
+  np.testing.assert_array_equal(
+      np.take_along_axis(np.asarray(table).T, np.asarray(idx).reshape(-1, 6),
+                         0).reshape(w.shape), dq.quantize_levels(w, uni))
+
+
+def test_degenerate_weights_no_nan():
+  for w in (jnp.zeros((3, 3, 2, 3)), jnp.full((3, 3, 2, 3), 0.7)):
+    for method in ("kmeans", "uniform"):
+      lv = dq.init_levels(w, 2, (0, 1, 2), method)
+      assert np.all(np.diff(lv, axis=-1) > 0)
+      val, grads = jax.value_and_grad(
+          lambda w, v: jnp.sum(dq.quantize_levels(w, dq.sorted_levels(v))),
+          argnums=(0, 1))(w, lv)
+      if method == "kmeans":  # a constant group is one of its levels
+        np.testing.assert_allclose(val, float(jnp.sum(w)), rtol=1e-5)
+      assert all(np.all(np.isfinite(g)) for g in grads)
+
+
+def test_weight_config_errors():
+  with pytest.raises(ValueError, match="TensorQuant.granularity=.*per_group"
+                     ".*allowed values: 'per_tensor', 'per_channel'"):
+    WeightOnly(TensorQuant(method="dq", bits=2, granularity="per_group",
+                           group_size=2)).init(jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="TensorQuant.grid='restricted'"):
+    WeightOnly(TensorQuant(method="dq", bits=2, grid="restricted")).init(
+        jax.random.PRNGKey(0))
+
+
+# ---------------------------------------------------------------------------
+# (b) Channel-error-weighted clip.
+# ---------------------------------------------------------------------------
+
+def _per_channel_error(x, alpha, bits, grid):
+  q = dq.clip_quant(x, alpha, bits, grid)
+  return np.asarray(jnp.sum((x - q) ** 2, 0) / jnp.sum(x ** 2, 0))
+
+
+def test_channel_weighted_clip_60_plus_4():
+  """60 channels of std 1, 4 of std 20; relu'd for the unsigned grid."""
+  std = jnp.concatenate([jnp.ones(60), jnp.full(4, 20.0)])
+  x = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(5), (2048, 64)) * std)
+  bits, grid = 4, "unsigned"
+  a_ch = dq.fit_clip(x, bits, grid)
+  a_pool = dq.pooled_mse_clip(x, bits, grid)
+  assert a_ch < a_pool
+  e_ch = _per_channel_error(x, a_ch, bits, grid)
+  e_pool = _per_channel_error(x, a_pool, bits, grid)
+  assert np.median(e_ch) < np.median(e_pool)
+  assert np.mean(e_ch[60:]) > np.mean(e_pool[60:])
+  # fit_clip minimises E over its candidates.
+  errs = [dq.channel_error(x, a, bits, grid)
+          for a in dq.clip_candidates(x, grid, dq.NUM_CLIP_CANDIDATES)]
+  assert dq.channel_error(x, a_ch, bits, grid) == pytest.approx(min(errs))
+
+
+@pytest.mark.parametrize("grid", ["unsigned", "full"])
+def test_clip_quant_pact_gradient(grid):
+  x = jnp.linspace(-3.0, 3.0, 61)
+  alpha = jnp.float32(2.0)
+  qmin, qmax = qz.grid_range(grid, 3)
+  bound = qz.grid_bound(grid, 3)
+  dx, da = jax.grad(lambda x, a: jnp.sum(dq.clip_quant(x, a, 3, grid)),
+                    argnums=(0, 1))(x, alpha)
+  hi, lo = qmax / bound * 2.0, qmin / bound * 2.0
+  inside = (x > lo) & (x < hi)
+  np.testing.assert_array_equal(dx, inside.astype(jnp.float32))
+  want = qmax / bound * jnp.sum(x >= hi) + qmin / bound * jnp.sum(x <= lo)
+  np.testing.assert_allclose(da, want, rtol=1e-6)
+  q = dq.clip_quant(x, alpha, 3, grid)
+  assert len(np.unique(q)) <= 8 and float(q.max()) <= hi + 1e-6
+
+
+# ---------------------------------------------------------------------------
+# Layers: jit, grad, aux loss, static calibration.
+# ---------------------------------------------------------------------------
+
+def _layer(kind, bits, granularity, **input_kw):
+  quant = LayerQuant(
+      weight=TensorQuant(method="dq", bits=bits, granularity=granularity),
+      input=TensorQuant(method="dq", bits=bits, grid="unsigned", **input_kw))
+  if kind == "dense":
+    return QuantDense(5, quant=quant), (8, 6)
+  return QuantConv(5, (3, 3), quant=quant), (2, 6, 6, 4)
+
+
+@pytest.mark.parametrize("kind,bits,granularity", [
+    ("dense", 2, "per_tensor"), ("dense", 4, "per_channel"),
+    ("conv", 2, "per_channel"), ("conv", 3, "per_tensor")])
+def test_layer_jit_grad_aux_loss(kind, bits, granularity):
+  layer, shape = _layer(kind, bits, granularity)
+  x = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(6), shape))
+  x = x.at[..., 0].set(0.0)  # a zero input channel
+  params = layer.init(jax.random.PRNGKey(7), x)["params"]
+  assert set(params) == {"kernel", "bias", "kernel_dq_levels",
+                         "input_dq_alpha"}
+  params["kernel"] = params["kernel"].at[..., 1].set(0.0)  # zero out-channel
+
+  @jax.jit
+  def losses(p):
+    y, state = layer.apply({"params": p}, x, mutable=["quant_losses"])
+    return jnp.sum(y ** 2), sum(jax.tree_util.tree_leaves(
+        state["quant_losses"]))
+
+  task, aux = losses(params)
+  assert np.isfinite(task) and np.isfinite(aux) and aux > 0
+  grads = jax.grad(lambda p: sum(losses(p)))(params)
+  for g in jax.tree_util.tree_leaves(grads):
+    assert np.all(np.isfinite(g))
+  aux_grads = jax.grad(lambda p: losses(p)[1])(params)
+  assert float(aux_grads["input_dq_alpha"]) != 0.0
+  for k in ("kernel", "kernel_dq_levels", "bias"):
+    assert not np.any(aux_grads[k])  # the aux loss trains alpha only
+  _, state = layer.apply({"params": params}, x, mutable=["quant_losses"])
+  assert list(state["quant_losses"]) == ["input_dq_err"]
+  # Not mutable: sow is skipped, the output is the same.
+  y = jax.jit(layer.apply)({"params": params}, x)
+  np.testing.assert_array_equal(y, layer.apply(
+      {"params": params}, x, mutable=["quant_losses"])[0])
+
+
+def test_alpha_init_from_data_or_pact_init():
+  layer, shape = _layer("dense", 3, "per_tensor", pact_init=6.0)
+  zero = layer.init(jax.random.PRNGKey(0), jnp.zeros(shape))["params"]
+  assert float(zero["input_dq_alpha"]) == 6.0
+  x = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(1), shape))
+  data = layer.init(jax.random.PRNGKey(0), x)["params"]
+  assert float(data["input_dq_alpha"]) == pytest.approx(
+      float(dq.fit_clip(x, 3, "unsigned")))
+
+
+def _dense_ref(params, x, alpha, bits):
+  """QuantDense by hand: clip-quantized input times DQ kernel, plus bias."""
+  kernel = dq.quantize_levels(params["kernel"],
+                              dq.sorted_levels(params["kernel_dq_levels"]))
+  return (dq.clip_quant(x, alpha, bits, "unsigned") @ kernel
+          + params["bias"])
+
+
+def test_static_calibration_ema():
+  layer, shape = _layer("dense", 4, "per_tensor", calibration="static",
+                        ema_decay=0.5)
+  x1 = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(8), shape))
+  x2 = 3.0 * x1 + 0.5
+  variables = layer.init(jax.random.PRNGKey(0), x1)
+  params = variables["params"]
+  assert "input_dq_alpha" not in params
+  assert int(variables["quant_stats"]["input_count"]) == 0
+  fit = lambda x: dq.fit_clip(x, 4, "unsigned")  # noqa: E731
+  apply = layer.apply
+  # Frozen and never updated: the batch clip is used.
+  np.testing.assert_allclose(apply(variables, x2),
+                             _dense_ref(params, x2, fit(x2), 4), rtol=1e-5,
+                             atol=1e-5)
+  # Mutable: the first update takes the batch clip, then the EMA.
+  _, upd = apply(variables, x1, mutable=["quant_stats"])
+  assert int(upd["quant_stats"]["input_count"]) == 1
+  assert float(upd["quant_stats"]["input_dq_clip"]) == pytest.approx(
+      float(fit(x1)))
+  y, upd = apply({"params": params, **upd}, x2, mutable=["quant_stats"])
+  stats = upd["quant_stats"]
+  ema = 0.5 * fit(x1) + 0.5 * fit(x2)
+  assert float(stats["input_dq_clip"]) == pytest.approx(float(ema), rel=1e-6)
+  np.testing.assert_allclose(y, _dense_ref(params, x2, ema, 4), rtol=1e-5,
+                             atol=1e-5)
+  # Frozen: the EMA is used and not updated (x1's own clip differs).
+  assert float(fit(x1)) != pytest.approx(float(ema))
+  frozen = {"params": params, "quant_stats": stats}
+  np.testing.assert_allclose(apply(frozen, x1),
+                             _dense_ref(params, x1, ema, 4), rtol=1e-5,
+                             atol=1e-5)
+  _, same = apply(frozen, x1, mutable=["quant_losses"])
+  assert "quant_stats" not in same
+
+
+def test_input_config_errors():
+  with pytest.raises(ValueError, match="TensorQuant.grid='asymmetric'.*"
+                     "allowed values: 'unsigned', 'full'"):
+    _, shape = _layer("dense", 2, "per_tensor")
+    QuantDense(3, quant=LayerQuant(input=TensorQuant(
+        method="dq", bits=2, grid="asymmetric"))).init(
+            jax.random.PRNGKey(0), jnp.ones(shape))
