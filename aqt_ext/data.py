@@ -103,6 +103,9 @@ _SPECS: dict[str, _Spec] = {
 }
 
 
+DATASETS = tuple(_SPECS)
+
+
 class DataNotFoundError(FileNotFoundError):
   """The dataset is not prepared in the data directory."""
 

@@ -71,12 +71,12 @@ INPUT_GRIDS = ("unsigned", "full")
 INPUT_GRANULARITIES = ("per_tensor",)
 LLOYD_ITERS = 25  # [design] fixed, enough for 2..8 bits from quantiles
 MIN_GAP = 1e-3  # [design] minimum level gap, as a fraction of the mean gap
-NUM_CLIP_CANDIDATES = 32
-CHANNEL_EPS = 1e-8
+NUM_CLIP_CANDIDATES = 32  # [design] clip candidates k/32 * batch max
+CHANNEL_EPS = 1e-8  # [design] absolute eps of E's channel energy
 _CLIP_STATIC = ("bits", "grid", "num_candidates", "rounding")
 
 
-def _check(field: str, value, allowed: tuple[str, ...]):
+def _check(field: str, value: str, allowed: tuple[str, ...]):
   if value not in allowed:
     raise ValueError(
         f"TensorQuant.{field}={value!r} is not allowed with method='dq' "
@@ -123,7 +123,10 @@ def _assign2d(w2: jax.Array, lv2: jax.Array) -> jax.Array:
 
 @jax.jit
 def assign(w: jax.Array, levels: jax.Array) -> jax.Array:
-  """Index (int32, w's shape) of the nearest of the sorted `levels`."""
+  """Index (int32, w's shape) of the nearest of the sorted `levels`.
+
+  `levels` has shape group_shape + (L,), group_shape = w's trailing axes.
+  """
   w2, lv2 = _as_groups(w, levels)
   return _assign2d(w2, lv2).reshape(w.shape)
 
@@ -156,6 +159,7 @@ def _quantize_bwd(res, ct):
 
 
 quantize_levels.defvjp(_quantize_fwd, _quantize_bwd)
+quantize_levels = jax.jit(quantize_levels)
 
 
 @functools.partial(jax.jit, static_argnames="min_gap")
@@ -164,9 +168,11 @@ def sorted_levels(v: jax.Array, min_gap: float = MIN_GAP) -> jax.Array:
 
   [design] gap = min_gap * (mean level gap), the mean gap taken from the
   level span, or from max|v| when all levels coincide, or 1e-12 for all-zero
-  levels (stop-gradiented). u_j = cummax(s_j - j gap) + j gap, s = sort(v):
-  the identity where neighbours are already a gap apart, so the gradient is
-  then the permutation of the incoming one.
+  levels (stop-gradiented). With s = sort(v) and c = cummax(s_j - j gap),
+  u_j = s_j where s_j - j gap is its own running max (s_j is at least a gap
+  above u_{j-1}), else c_j + j gap = u_{j-1} + gap. So u is exactly s, and
+  its gradient the permutation of the incoming one, while neighbours are a
+  gap apart (always at init).
   """
   s = jnp.sort(v, axis=-1)
   num = v.shape[-1]
@@ -174,7 +180,9 @@ def sorted_levels(v: jax.Array, min_gap: float = MIN_GAP) -> jax.Array:
   ref = jnp.where(span > 0, span, jnp.max(jnp.abs(s), -1, keepdims=True))
   gap = lax.stop_gradient(min_gap * jnp.maximum(ref, 1e-12) / (num - 1))
   ramp = jnp.arange(num, dtype=v.dtype) * gap
-  return lax.cummax(s - ramp, axis=v.ndim - 1) + ramp
+  shifted = s - ramp
+  run_max = lax.cummax(shifted, axis=v.ndim - 1)
+  return jnp.where(shifted >= run_max, s, run_max + ramp)
 
 
 def _lloyd(w2: jax.Array, lv2: jax.Array, iters: int) -> jax.Array:
@@ -204,7 +212,8 @@ def init_levels(w: jax.Array, bits: int, axes: tuple[int, ...],
     bits: L = 2^bits levels.
     axes: the axes reduced into one group; the other axes index groups.
     method: ``kmeans``: Lloyd-Max, `LLOYD_ITERS` Lloyd steps from the
-      quantiles (j + 1/2) / L (deterministic); ``uniform``: LSQ step
+      (j + 1/2) / L quantiles (order statistics of rank floor((j + 1/2) N /
+      L); deterministic); ``uniform``: LSQ step
       s = 2 mean|w| / sqrt(Qp), levels s * (-2^(b-1) .. 2^(b-1) - 1).
 
   Returns:
@@ -225,8 +234,10 @@ def init_levels(w: jax.Array, bits: int, axes: tuple[int, ...],
     step = qz.lsq_init_step(w2, "full", bits, (0,))  # (1, G)
     lv2 = step.T * jnp.arange(-half, half, dtype=jnp.float32)
   else:
-    q = (jnp.arange(num, dtype=jnp.float32) + 0.5) / num
-    lv2 = _lloyd(w2, jnp.quantile(w2, q, axis=0).T, LLOYD_ITERS)
+    n = w2.shape[0]
+    ranks = [int((j + 0.5) * n / num) for j in range(num)]
+    start = jnp.sort(w2, axis=0)[jnp.array(ranks)].T  # (G, L) quantiles
+    lv2 = _lloyd(w2, start, LLOYD_ITERS)
   return sorted_levels(lv2).reshape(gshape + (num,))
 
 
@@ -272,15 +283,83 @@ def clip_quant(x: jax.Array, alpha: jax.Array, bits: int, grid: str,
   """Uniform fake quant clipped at alpha with PACT gradients.
 
   ``unsigned``: [0, alpha], scale alpha / (2^b - 1) (exactly PACT).
-  ``full``: scale alpha / (2^(b-1) - 0.5), grid [-2^(b-1), 2^(b-1) - 1].
-  d/d alpha = qmax/bound (or qmin/bound) where x is clipped, else 0; STE for
-  x inside the clip range, 0 outside.
+  ``full``: scale alpha / (2^(b-1) - 0.5), grid [-2^(b-1), 2^(b-1) - 1],
+  so the clip range is [lo, hi] = [qmin, qmax] * scale.
+  Gradients: x gets 1 strictly inside (lo, hi), else 0 (STE with the
+  clipping mask); alpha gets qmax/bound where x >= hi and qmin/bound where
+  x <= lo (PACT; only the first for ``unsigned``), 0 while alpha <= 1e-8.
   """
+  return _clip_quant(x, jnp.asarray(alpha), bits, grid, rounding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _clip_quant(x, alpha, bits, grid, rounding):
+  return _clip_quant_fwd(x, alpha, bits, grid, rounding)[0]
+
+
+def _clip_quant_fwd(x, alpha, bits, grid, rounding):
+  qp = _clip_qparams(_guard_alpha(alpha).astype(x.dtype), bits, grid)
+  return qz.fake_quant(x, qp, rounding), (x, alpha)
+
+
+def _clip_quant_bwd(bits, grid, rounding, res, ct):
+  del rounding
+  x, alpha = res
   qp = _clip_qparams(_guard_alpha(alpha).astype(x.dtype), bits, grid)
   lo, hi = qp.qmin * qp.scale, qp.qmax * qp.scale
-  y = jnp.where(x >= hi, hi, jnp.where(x <= lo, lo, x))
-  fixed = jax.tree_util.tree_map(lax.stop_gradient, qp)
-  return qz.ste(y, qz.fake_quant(lax.stop_gradient(y), fixed, rounding))
+  bound = qz.grid_bound(grid, bits)
+  dx = jnp.where((x > lo) & (x < hi), ct, jnp.zeros_like(ct))
+  da = qp.qmax / bound * jnp.sum(jnp.where(x >= hi, ct, 0.0),
+                                 dtype=jnp.float32)
+  if qp.qmin:
+    da += qp.qmin / bound * jnp.sum(jnp.where(x <= lo, ct, 0.0),
+                                    dtype=jnp.float32)
+  da = jnp.where(alpha > 1e-8, da, 0.0).astype(alpha.dtype)
+  return dx, da
+
+
+_clip_quant.defvjp(_clip_quant_fwd, _clip_quant_bwd)
+
+
+def _fake_quant(x: jax.Array, alpha: jax.Array, bits: int, grid: str,
+                rounding: str) -> jax.Array:
+  """Q(x; alpha), the values of `clip_quant`, without its gradients."""
+  qp = _clip_qparams(_guard_alpha(lax.stop_gradient(alpha)), bits, grid)
+  return qz.fake_quant(lax.stop_gradient(x), qp, rounding)
+
+
+def _error_terms(x: jax.Array, q: jax.Array, alpha: jax.Array, bits: int,
+                 grid: str, eps: float) -> tuple[jax.Array, jax.Array]:
+  """(E(alpha), dE/d alpha) from x and q = Q(x; alpha); no autodiff.
+
+  [design] dE/d alpha uses LSQ's straight-through step gradient: with
+  s = alpha / bound and the clip range [lo, hi] = [qmin, qmax] * s,
+  dQ/ds = round(x/s) - x/s = -(x - q)/s inside and hi/s (lo/s) where x is
+  clipped above (below). With xc = clip(x, lo, hi), which equals q where x
+  is clipped, s (x - q) dQ/ds = hi max(x - hi, 0) + lo min(x - lo, 0)
+  - (xc - q)^2 for every element. So E needs three per-channel sums of
+  plain elementwise terms, which XLA:CPU reduces several times faster than
+  sums fused with the rounding or more than three sibling sums.
+  """
+  x = lax.stop_gradient(x).astype(jnp.float32)
+  q = lax.stop_gradient(q).astype(jnp.float32)
+  qp = _clip_qparams(_guard_alpha(lax.stop_gradient(alpha)), bits, grid)
+  lo, hi = qp.qmin * qp.scale, qp.qmax * qp.scale
+  red = tuple(range(x.ndim - 1))
+  err = jnp.sum(jnp.square(x - q), axis=red)
+  inv_energy = 1.0 / (jnp.sum(jnp.square(x), axis=red) + eps)
+  s_e_dq = jnp.sum(hi * jnp.maximum(x - hi, 0.0) + lo * jnp.minimum(x - lo, 0.0)
+                   - jnp.square(jnp.clip(x, lo, hi) - q), axis=red)
+  value = jnp.mean(err * inv_energy)
+  slope = jnp.mean(-2.0 * s_e_dq * inv_energy) / (qp.scale
+                                                  * qz.grid_bound(grid, bits))
+  return value, slope
+
+
+def _with_slope(value: jax.Array, slope: jax.Array, alpha: jax.Array
+                ) -> jax.Array:
+  """Value `value`, gradient `slope` w.r.t. alpha."""
+  return value + (alpha - lax.stop_gradient(alpha)) * lax.stop_gradient(slope)
 
 
 @functools.partial(jax.jit,
@@ -290,26 +369,19 @@ def channel_error(x: jax.Array, alpha: jax.Array, bits: int, grid: str,
                   ) -> jax.Array:
   """E(alpha) = mean_c ||x_c - Q(x_c)||^2 / (||x_c||^2 + eps), c = last axis.
 
-  Q has the LSQ gradient in its step alpha/bound (not PACT's), so dE/d alpha
-  weighs rounding error against clipping error. x is not stop-gradiented
-  here; callers that train alpha only pass stop_gradient(x).
+  x is stop-gradiented: E trains alpha only, with LSQ's step gradient (not
+  PACT's), so it weighs rounding error against clipping error (see
+  `_error_terms`).
   """
-  x = x.astype(jnp.float32)
-  q = qz.fake_quant(x, _clip_qparams(_guard_alpha(alpha), bits, grid),
-                    rounding)
-  red = tuple(range(x.ndim - 1))
-  err = jnp.sum(jnp.square(x - q), axis=red)
-  energy = jnp.sum(jnp.square(x), axis=red)
-  return jnp.mean(err / (energy + eps))
+  q = _fake_quant(x, alpha, bits, grid, rounding)
+  return _with_slope(*_error_terms(x, q, alpha, bits, grid, eps), alpha)
 
 
 def pooled_error(x: jax.Array, alpha: jax.Array, bits: int, grid: str,
                  rounding: str = "half_even") -> jax.Array:
-  """Pooled MSE mean((x - Q(x))^2), the objective DQ replaces."""
-  x = x.astype(jnp.float32)
-  q = qz.fake_quant(x, _clip_qparams(_guard_alpha(alpha), bits, grid),
-                    rounding)
-  return jnp.mean(jnp.square(x - q))
+  """Pooled MSE mean((x - Q(x))^2), the objective DQ replaces (no grad)."""
+  q = _fake_quant(x, alpha, bits, grid, rounding)
+  return jnp.mean(jnp.square(lax.stop_gradient(x) - q))
 
 
 def clip_candidates(x: jax.Array, grid: str, num_candidates: int
@@ -329,6 +401,7 @@ def _search_clip(x: jax.Array, grid: str, num_candidates: int,
                  objective: Callable[[jax.Array], jax.Array]) -> jax.Array:
   """The candidate clip with the lowest objective (first one on ties)."""
   _check("grid", grid, INPUT_GRIDS)
+  x = lax.stop_gradient(x)
   cands = clip_candidates(x, grid, num_candidates)
   return cands[jnp.argmin(lax.map(objective, cands))]
 
@@ -338,9 +411,9 @@ def fit_clip(x: jax.Array, bits: int, grid: str,
              num_candidates: int = NUM_CLIP_CANDIDATES,
              rounding: str = "half_even") -> jax.Array:
   """Grid search of alpha minimising `channel_error` (no gradient)."""
-  x = lax.stop_gradient(x)
-  return _search_clip(x, grid, num_candidates, lambda a: channel_error(
-      x, a, bits, grid, rounding))
+  return _search_clip(x, grid, num_candidates, lambda a: _error_terms(
+      x, _fake_quant(x, a, bits, grid, rounding), a, bits, grid,
+      CHANNEL_EPS)[0])
 
 
 @functools.partial(jax.jit, static_argnames=_CLIP_STATIC)
@@ -348,7 +421,6 @@ def pooled_mse_clip(x: jax.Array, bits: int, grid: str,
                     num_candidates: int = NUM_CLIP_CANDIDATES,
                     rounding: str = "half_even") -> jax.Array:
   """Grid search of alpha minimising `pooled_error`: the baseline."""
-  x = lax.stop_gradient(x)
   return _search_clip(x, grid, num_candidates, lambda a: pooled_error(
       x, a, bits, grid, rounding))
 
@@ -363,6 +435,7 @@ def quant_weight(mdl: nn.Module, name: str, x: jax.Array, tq: TensorQuant,
   _check("granularity", tq.granularity, WEIGHT_GRANULARITIES)
   _check("grid", tq.grid, WEIGHT_GRIDS)
   red = qz.reduce_axes(x.ndim, axes, tq.granularity)
+  # Group axes last (the identity for QuantDense / QuantConv kernels).
   perm = red + tuple(a for a in range(x.ndim) if a not in red)
   levels = mdl.param(f"{name}_dq_levels", lambda _: init_levels(
       lax.stop_gradient(x), tq.bits, red, tq.dq_init))
@@ -383,7 +456,9 @@ def _static_clip(mdl: nn.Module, name: str, x: jax.Array, tq: TensorQuant
   count = mdl.variable(STATS, f"{name}_count", lambda: jnp.zeros((), jnp.int32))
   ema = mdl.variable(STATS, f"{name}_dq_clip",
                      lambda: jnp.zeros((), jnp.float32))
-  batch = lambda: fit_clip(x, tq.bits, tq.grid, rounding=tq.rounding)  # noqa: E731
+  def batch():
+    return fit_clip(x, tq.bits, tq.grid, rounding=tq.rounding)
+
   if mdl.is_initializing():
     return batch()
   if mdl.is_mutable_collection(STATS):
@@ -406,12 +481,13 @@ def quant_input(mdl: nn.Module, name: str, x: jax.Array, tq: TensorQuant,
   _check("grid", tq.grid, INPUT_GRIDS)
   _check("granularity", tq.granularity, INPUT_GRANULARITIES)
   if tq.calibration == "static":
-    alpha = _static_clip(mdl, name, x, tq)
-  else:
-    alpha = mdl.param(f"{name}_dq_alpha", lambda _: init_alpha(x, tq))
-    if (tq.dq_err_weight > 0 and mdl.is_mutable_collection(LOSSES)
-        and not mdl.is_initializing()):
-      err = channel_error(lax.stop_gradient(x), alpha, tq.bits, tq.grid,
-                          tq.rounding)
-      mdl.sow(LOSSES, f"{name}_dq_err", tq.dq_err_weight * err)
-  return clip_quant(x, alpha, tq.bits, tq.grid, tq.rounding)
+    return clip_quant(x, _static_clip(mdl, name, x, tq), tq.bits, tq.grid,
+                      tq.rounding)
+  alpha = mdl.param(f"{name}_dq_alpha", lambda _: init_alpha(x, tq))
+  y = clip_quant(x, alpha, tq.bits, tq.grid, tq.rounding)
+  if (tq.dq_err_weight > 0 and mdl.is_mutable_collection(LOSSES)
+      and not mdl.is_initializing()):
+    err = _with_slope(*_error_terms(x, y, alpha, tq.bits, tq.grid,
+                                    CHANNEL_EPS), alpha)
+    mdl.sow(LOSSES, f"{name}_dq_err", tq.dq_err_weight * err)
+  return y

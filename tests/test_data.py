@@ -222,16 +222,6 @@ def test_imagenet_streaming_is_resumable_and_padded(tmp_path):
 # --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def fashion_mnist_dir(tmp_path_factory):
-  """A fresh data dir with Fashion-MNIST built offline (about 20 s)."""
-  if not data.LOCAL_FASHION_MNIST_DIR.is_dir():
-    pytest.skip("apt-get install dataset-fashion-mnist to run this test")
-  data_dir = tmp_path_factory.mktemp("tfds")
-  data.ensure_prepared("fashion_mnist", data_dir)
-  return data_dir
-
-
 def test_local_fashion_mnist(fashion_mnist_dir):
   info = data.get_info("fashion_mnist", fashion_mnist_dir)
   assert (info.num_train, info.num_eval, info.num_classes) == (60_000, 10_000,

@@ -87,9 +87,11 @@ def test_levels_sorted_and_distinct_after_large_sgd_steps():
   target = 5.0 * jax.random.normal(jax.random.PRNGKey(2),
                                    params["kernel"].shape)
 
+  def loss(p):
+    return jnp.sum((mdl.apply({"params": p}) - target) ** 2)
+
   @jax.jit
   def sgd(p):
-    loss = lambda p: jnp.sum((mdl.apply({"params": p}) - target) ** 2)  # noqa: E731
     return jax.tree_util.tree_map(lambda a, b: a - 3.0 * b, p,
                                   jax.grad(loss)(p))
 
@@ -139,16 +141,17 @@ def test_uniform_init_and_export():
 
 
 def test_degenerate_weights_no_nan():
+  value_and_grad = jax.jit(jax.value_and_grad(
+      lambda w, v: jnp.sum(dq.quantize_levels(w, dq.sorted_levels(v))),
+      argnums=(0, 1)))
   for w in (jnp.zeros((3, 3, 2, 3)), jnp.full((3, 3, 2, 3), 0.7)):
     for method in ("kmeans", "uniform"):
       lv = dq.init_levels(w, 2, (0, 1, 2), method)
       assert np.all(np.diff(lv, axis=-1) > 0)
-      val, grads = jax.value_and_grad(
-          lambda w, v: jnp.sum(dq.quantize_levels(w, dq.sorted_levels(v))),
-          argnums=(0, 1))(w, lv)
+      val, grads = value_and_grad(w, lv)
+      assert all(np.all(np.isfinite(g)) for g in grads)
       if method == "kmeans":  # a constant group is one of its levels
         np.testing.assert_allclose(val, float(jnp.sum(w)), rtol=1e-5)
-      assert all(np.all(np.isfinite(g)) for g in grads)
 
 
 def test_weight_config_errors():
@@ -189,6 +192,30 @@ def test_channel_weighted_clip_60_plus_4():
 
 
 @pytest.mark.parametrize("grid", ["unsigned", "full"])
+def test_channel_error_value_and_lsq_gradient(grid):
+  """E and dE/d alpha match autodiff of the LSQ-style fake quant."""
+  x = 2.0 * jax.random.normal(jax.random.PRNGKey(9), (16, 3, 8))
+  x = x.at[..., 0].set(0.0)  # a zero channel counts as zero error
+  qmin, qmax = qz.grid_range(grid, 3)
+  bound = qz.grid_bound(grid, 3)
+
+  def ref(alpha):
+    q = qz.fake_quant(x, qz.QParams(alpha / bound, None, qmin, qmax))
+    err = jnp.sum((x - q) ** 2, (0, 1)) / (jnp.sum(x ** 2, (0, 1)) + 1e-8)
+    return jnp.mean(err)
+
+  for alpha in (0.5, 2.0, 5.0):
+    alpha = jnp.float32(alpha)
+    val, grad = jax.value_and_grad(dq.channel_error, argnums=1)(
+        x, alpha, 3, grid)
+    want_val, want_grad = jax.value_and_grad(ref)(alpha)
+    np.testing.assert_allclose(val, want_val, rtol=1e-5)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-6)
+  assert not np.any(jax.grad(lambda x: dq.channel_error(
+      x, jnp.float32(2.0), 3, grid))(x))  # x is stop-gradiented
+
+
+@pytest.mark.parametrize("grid", ["unsigned", "full"])
 def test_clip_quant_pact_gradient(grid):
   x = jnp.linspace(-3.0, 3.0, 61)
   alpha = jnp.float32(2.0)
@@ -219,8 +246,8 @@ def _layer(kind, bits, granularity, **input_kw):
 
 
 @pytest.mark.parametrize("kind,bits,granularity", [
-    ("dense", 2, "per_tensor"), ("dense", 4, "per_channel"),
-    ("conv", 2, "per_channel"), ("conv", 3, "per_tensor")])
+    ("dense", 2, "per_channel"), ("conv", 2, "per_tensor"),
+    ("conv", 3, "per_channel")])
 def test_layer_jit_grad_aux_loss(kind, bits, granularity):
   layer, shape = _layer(kind, bits, granularity)
   x = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(6), shape))
@@ -230,27 +257,24 @@ def test_layer_jit_grad_aux_loss(kind, bits, granularity):
                          "input_dq_alpha"}
   params["kernel"] = params["kernel"].at[..., 1].set(0.0)  # zero out-channel
 
-  @jax.jit
-  def losses(p):
+  def loss(p, task_weight):
     y, state = layer.apply({"params": p}, x, mutable=["quant_losses"])
-    return jnp.sum(y ** 2), sum(jax.tree_util.tree_leaves(
-        state["quant_losses"]))
+    aux = sum(jax.tree_util.tree_leaves(state["quant_losses"]))
+    return task_weight * jnp.sum(y ** 2) + aux, (y, state["quant_losses"])
 
-  task, aux = losses(params)
-  assert np.isfinite(task) and np.isfinite(aux) and aux > 0
-  grads = jax.grad(lambda p: sum(losses(p)))(params)
+  loss_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+  (total, (y, sown)), grads = loss_and_grad(params, 1.0)
+  assert list(sown) == ["input_dq_err"]
+  assert np.isfinite(total) and np.all(np.isfinite(y))
   for g in jax.tree_util.tree_leaves(grads):
     assert np.all(np.isfinite(g))
-  aux_grads = jax.grad(lambda p: losses(p)[1])(params)
-  assert float(aux_grads["input_dq_alpha"]) != 0.0
+  (aux, _), aux_grads = loss_and_grad(params, 0.0)
+  assert aux > 0 and float(aux_grads["input_dq_alpha"]) != 0.0
   for k in ("kernel", "kernel_dq_levels", "bias"):
     assert not np.any(aux_grads[k])  # the aux loss trains alpha only
-  _, state = layer.apply({"params": params}, x, mutable=["quant_losses"])
-  assert list(state["quant_losses"]) == ["input_dq_err"]
-  # Not mutable: sow is skipped, the output is the same.
-  y = jax.jit(layer.apply)({"params": params}, x)
-  np.testing.assert_array_equal(y, layer.apply(
-      {"params": params}, x, mutable=["quant_losses"])[0])
+  # Not mutable: nothing is sown, the output is the same.
+  np.testing.assert_allclose(layer.apply({"params": params}, x), y,
+                             rtol=1e-6, atol=1e-6)
 
 
 def test_alpha_init_from_data_or_pact_init():

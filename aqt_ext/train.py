@@ -1,0 +1,448 @@
+"""Quantization-aware training: the importable training loop.
+
+Follows flax/examples/imagenet: `train_and_evaluate(config, workdir)` trains
+the model the config names, evaluates it, checkpoints with orbax, resumes
+from the latest checkpoint when rerun, and writes ``workdir/result.json``.
+
+* Data parallel over all devices with `jax.sharding` (a 1-D ``data`` mesh):
+  the batch is split along it, the state is replicated. Multi-host runs call
+  `jax.distributed.initialize` in `main.py`; each host feeds its slice.
+* Training data are a pure function of (seed, step), so the data position of a
+  resumed run is its step; the only RNG is the init key, saved with the state.
+* Quantizer state (``quant_stats``) and learned quantizer parameters train with
+  the model; their auxiliary losses (``quant_losses``) add to the loss.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import tempfile
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from aqt_ext import cost as cost_lib
+from aqt_ext import data as data_lib
+from aqt_ext import models
+from aqt_ext.config import parse_spec
+
+QUANT_PARAM_RE = re.compile(r"_(lsq_step|pact_alpha|dq_levels|dq_alpha)$")
+DECAY_PARAM_RE = re.compile(r"(^|/)kernel$|_pact_alpha$")
+OPTIMIZERS = ("sgd", "adamw")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or Inf."""
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint exists but cannot be restored."""
+
+
+class TrainState(struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  quant_stats: Any
+  opt_state: Any
+  rng: jax.Array
+  apply_fn: Any = struct.field(pytree_node=False)
+  tx: Any = struct.field(pytree_node=False)
+
+  def variables(self, params=None) -> dict:
+    v = {"params": self.params if params is None else params}
+    if self.batch_stats:
+      v["batch_stats"] = self.batch_stats
+    if self.quant_stats:
+      v["quant_stats"] = self.quant_stats
+    return v
+
+
+# ---------------------------------------------------------------------------
+# Config -> model, optimizer.
+# ---------------------------------------------------------------------------
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Refuses a bad config before any work, naming the field."""
+  def choice(field, allowed):
+    if config[field] not in allowed:
+      raise ValueError(f"config.{field}={config[field]!r} is not allowed; "
+                       f"allowed values: {', '.join(map(repr, allowed))}")
+  choice("optimizer", OPTIMIZERS)
+  choice("dtype", tuple(DTYPES))
+  choice("model", tuple(models.MODELS))
+  choice("dataset", data_lib.DATASETS)
+  for field in ("batch_size", "num_epochs"):
+    if not config[field] > 0:
+      raise ValueError(f"config.{field}={config[field]!r} must be > 0")
+  if config.batch_size % jax.device_count():
+    raise ValueError(f"config.batch_size={config.batch_size} must be a "
+                     f"multiple of the device count ({jax.device_count()})")
+  if not 0 <= config.label_smoothing < 1:
+    raise ValueError(f"config.label_smoothing={config.label_smoothing} must "
+                     "be in [0, 1)")
+  parse_spec(config.quant)  # raises on a bad spec
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int):
+  quant = parse_spec(config.quant, first=models.FIRST_LAYER,
+                     last=models.LAST_LAYER)
+  return models.create_model(config.model, num_classes=num_classes,
+                             width=config.width, quant=quant,
+                             dtype=DTYPES[config.dtype])
+
+
+def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
+  """Linear warmup then cosine decay to zero."""
+  total = int(config.num_epochs * steps_per_epoch)
+  warmup = int(config.warmup_epochs * steps_per_epoch)
+  return optax.warmup_cosine_decay_schedule(
+      0.0, config.learning_rate, max(warmup, 1), max(total, warmup + 1), 0.0)
+
+
+def _path_labels(params, fn):
+  return flax.traverse_util.path_aware_map(
+      lambda path, _: fn("/".join(path)), params)
+
+
+def create_optimizer(config, schedule: optax.Schedule, params
+                     ) -> optax.GradientTransformation:
+  """SGD (Nesterov) or AdamW; weight decay on kernels (and PACT clips) only;
+  quantizer parameters optionally at their own learning-rate multiple."""
+  decay_mask = _path_labels(params, lambda p: bool(DECAY_PARAM_RE.search(p)))
+
+  def make(lr):
+    if config.optimizer == "sgd":
+      return optax.chain(
+          optax.add_decayed_weights(config.weight_decay, decay_mask),
+          optax.sgd(lr, momentum=config.momentum, nesterov=config.nesterov))
+    return optax.adamw(lr, weight_decay=config.weight_decay, mask=decay_mask)
+
+  if config.quant_lr_multiplier == 1.0:
+    return make(schedule)
+  labels = _path_labels(
+      params, lambda p: "quant" if QUANT_PARAM_RE.search(p) else "model")
+  qsched = lambda s: schedule(s) * config.quant_lr_multiplier  # noqa: E731
+  return optax.multi_transform({"model": make(schedule), "quant": make(qsched)},
+                               labels)
+
+
+# ---------------------------------------------------------------------------
+# Steps.
+# ---------------------------------------------------------------------------
+
+def cross_entropy(logits, labels, num_classes: int, smoothing: float):
+  onehot = jax.nn.one_hot(labels, num_classes)
+  if smoothing:
+    onehot = optax.smooth_labels(onehot, smoothing)
+  return optax.softmax_cross_entropy(logits, onehot)
+
+
+def train_step(state: TrainState, batch, *, num_classes, label_smoothing,
+               schedule):
+  def loss_fn(params):
+    logits, new = state.apply_fn(
+        state.variables(params), batch["image"], train=True,
+        mutable=["batch_stats", "quant_stats", "quant_losses"])
+    ce = cross_entropy(logits, batch["label"], num_classes,
+                       label_smoothing).mean()
+    aux = sum(jnp.sum(x) for x in jax.tree.leaves(new.get("quant_losses",
+                                                          {})))
+    return ce + aux, (logits, new, ce)
+
+  (loss, (logits, new, ce)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  state = state.replace(step=state.step + 1, params=params,
+                        opt_state=opt_state,
+                        batch_stats=new.get("batch_stats", state.batch_stats),
+                        quant_stats=new.get("quant_stats", state.quant_stats))
+  metrics = {"loss": loss, "cross_entropy": ce,
+             "grad_norm": optax.global_norm(grads),
+             "param_norm": optax.global_norm(params),
+             "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+             "learning_rate": schedule(state.step - 1)}
+  return state, metrics
+
+
+def eval_step(state: TrainState, batch, *, num_classes):
+  logits = state.apply_fn(state.variables(), batch["image"], train=False)
+  mask = batch["mask"]
+  loss = cross_entropy(logits, batch["label"], num_classes, 0.0)
+  correct = jnp.argmax(logits, -1) == batch["label"]
+  return {"loss_sum": jnp.sum(loss * mask),
+          "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+
+
+# ---------------------------------------------------------------------------
+# State creation, float init, checkpoints.
+# ---------------------------------------------------------------------------
+
+def initial_variables(model, batch, rng, float_variables=None) -> dict:
+  """Initialises from a real batch (LSQ / DQ init is data-driven).
+
+  With `float_variables` (a float model's params and batch_stats), those
+  are loaded unchanged and only the quantizer parameters the float model
+  lacks are created, from the loaded kernels and the batch.
+  """
+  if float_variables is None:
+    return jax.jit(functools.partial(model.init, train=False))(
+        {"params": rng}, batch)
+  fn = functools.partial(model.apply, train=False,
+                         mutable=["params", "batch_stats", "quant_stats"],
+                         rngs={"params": rng})
+  _, variables = jax.jit(fn)(dict(float_variables), batch)
+  return variables
+
+
+def create_state(config, model, batch, steps_per_epoch, float_variables=None
+                 ) -> tuple[TrainState, optax.Schedule]:
+  rng = jax.random.PRNGKey(config.seed)
+  variables = initial_variables(model, batch, rng, float_variables)
+  variables = flax.core.unfreeze(variables)
+  schedule = learning_rate_schedule(config, steps_per_epoch)
+  tx = create_optimizer(config, schedule, variables["params"])
+  state = TrainState(
+      step=jnp.zeros((), jnp.int32), params=variables["params"],
+      batch_stats=variables.get("batch_stats", {}),
+      quant_stats=variables.get("quant_stats", {}),
+      opt_state=tx.init(variables["params"]), rng=rng,
+      apply_fn=model.apply, tx=tx)
+  return state, schedule
+
+
+def _checkpoint_manager(workdir: str, config):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.keep_checkpoints, create=True)
+  return ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                               options=options)
+
+
+def _ckpt_tree(state: TrainState) -> dict:
+  return {"step": state.step, "params": state.params,
+          "batch_stats": state.batch_stats, "quant_stats": state.quant_stats,
+          "opt_state": state.opt_state, "rng": state.rng}
+
+
+def save_checkpoint(mgr, state: TrainState) -> None:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  step = int(state.step)
+  if mgr.latest_step() == step:
+    return
+  mgr.save(step, args=ocp.args.StandardSave(_ckpt_tree(state)))
+  mgr.wait_until_finished()
+
+
+def restore_checkpoint(mgr, state: TrainState) -> TrainState:
+  """Restores the latest checkpoint into `state`; clear error if unreadable."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  step = mgr.latest_step()
+  if step is None:
+    return state
+  try:
+    tree = mgr.restore(step, args=ocp.args.StandardRestore(_ckpt_tree(state)))
+  except Exception as e:  # orbax raises many types for a damaged checkpoint
+    raise CheckpointError(
+        f"checkpoint at step {step} in {mgr.directory} cannot be restored "
+        f"({type(e).__name__}: {e}). Refusing to start afresh over it: "
+        "delete that step's folder to resume from an earlier one, or use "
+        "another --workdir.") from e
+  return state.replace(**tree)
+
+
+def load_float_variables(workdir: str) -> dict:
+  """Params and batch_stats of the latest checkpoint of a (float) run."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  mgr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  step = mgr.latest_step()
+  if step is None:
+    raise CheckpointError(f"config.init_from={workdir!r} holds no checkpoint")
+  tree = mgr.restore(step, args=ocp.args.StandardRestore())
+  out = {"params": tree["params"]}
+  if tree.get("batch_stats"):
+    out["batch_stats"] = tree["batch_stats"]
+  return out
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  d = os.path.dirname(path) or "."
+  os.makedirs(d, exist_ok=True)
+  with tempfile.NamedTemporaryFile("w", dir=d, delete=False,
+                                   suffix=".tmp") as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(f.name, path)
+
+
+# ---------------------------------------------------------------------------
+# Evaluation and the loop.
+# ---------------------------------------------------------------------------
+
+def evaluate(state, eval_fn, config, shard) -> dict:
+  totals = None
+  for batch in data_lib.eval_batches(config.dataset, config.eval_batch_size,
+                                     config.data_dir,
+                                     config.num_eval_examples):
+    m = eval_fn(state, shard(batch))
+    totals = m if totals is None else jax.tree.map(jnp.add, totals, m)
+  totals = jax.device_get(totals)
+  n = float(totals["count"])
+  return {"eval_accuracy": float(totals["correct"]) / n,
+          "eval_loss": float(totals["loss_sum"]) / n,
+          "eval_examples": int(n)}
+
+
+def _sharding():
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  return NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+
+
+def _make_sharder(data_sharding):
+  """Host batch (global, same on every host) -> global sharded jax.Array."""
+  nproc, pid = jax.process_count(), jax.process_index()
+
+  def shard(batch):
+    def one(x):
+      local = np.split(x, nproc)[pid] if nproc > 1 else x
+      return jax.make_array_from_process_local_data(data_sharding, local,
+                                                     x.shape)
+    return jax.tree.map(one, batch)
+  return shard
+
+
+def model_cost(model, image_shape) -> dict:
+  return cost_lib.model_cost(model, tuple(image_shape), train=False).as_dict()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
+                       ) -> dict:
+  """Trains, evaluates, checkpoints; returns (and writes) the result."""
+  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
+  validate_config(config)
+  t_start = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  data_lib.ensure_prepared(config.dataset, config.data_dir)
+  info = data_lib.get_info(config.dataset, config.data_dir)
+  stream = data_lib.make_train_stream(
+      config.dataset, config.batch_size, config.seed, config.data_dir,
+      augment=config.augment, num_examples=config.num_train_examples)
+  steps_per_epoch = stream.steps_per_epoch
+  total_steps = int(config.num_epochs * steps_per_epoch)
+  model = create_model(config, info.num_classes)
+
+  float_vars = (load_float_variables(config.init_from) if config.init_from
+                else None)
+  state, schedule = create_state(config, model, stream.batch(0)["image"],
+                                 steps_per_epoch, float_vars)
+  mgr = _checkpoint_manager(workdir, config)
+  state = restore_checkpoint(mgr, state)
+  start_step = int(state.step)
+
+  data_sharding, repl = _sharding()
+  state = jax.device_put(state, repl)
+  shard = _make_sharder(data_sharding)
+  p_train = jax.jit(functools.partial(
+      train_step, num_classes=info.num_classes,
+      label_smoothing=config.label_smoothing, schedule=schedule),
+      donate_argnums=0)
+  p_eval = jax.jit(functools.partial(eval_step,
+                                     num_classes=info.num_classes))
+
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  if start_step == 0:
+    writer.write_hparams({k: v for k, v in config.to_dict().items()
+                          if isinstance(v, (int, float, str, bool))})
+  report = periodic_actions.ReportProgress(num_train_steps=total_steps,
+                                           writer=writer)
+  logging.info("training %s (%s) on %s: steps %d..%d, %d steps/epoch",
+               config.model, config.quant, config.dataset, start_step,
+               total_steps, steps_per_epoch)
+  t_loop = time.time()
+  train_metrics, pending = [], None
+  step = start_step
+  batches = stream.iterate(start_step)
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      batch = next(batches)
+      state, metrics = p_train(state, shard(batch))
+      # Check the previous step's loss while this one runs (no stall).
+      if pending is not None:
+        _check_finite(*pending)
+        train_metrics.append(pending[1])
+      pending = (step, metrics)
+      report(step)
+      if step % config.log_every_steps == 0 or step == total_steps:
+        _check_finite(*pending)
+        train_metrics.append(pending[1])
+        pending = None
+        summary = jax.tree.map(lambda *x: float(np.mean(x)),
+                               *jax.device_get(train_metrics))
+        writer.write_scalars(step, {f"train_{k}": v
+                                    for k, v in summary.items()})
+        train_metrics = []
+      if config.eval_every_steps and step % config.eval_every_steps == 0 \
+          and step != total_steps:
+        writer.write_scalars(step, _num(evaluate(state, p_eval, config,
+                                                 shard)))
+      if step % config.checkpoint_every_steps == 0 or step == total_steps:
+        if pending is not None:
+          _check_finite(*pending)
+          train_metrics.append(pending[1])
+          pending = None
+        save_checkpoint(mgr, state)
+  finally:
+    batches.close()
+  train_time = time.time() - t_loop
+  result = evaluate(state, p_eval, config, shard)
+  writer.write_scalars(total_steps, _num(result))
+  writer.flush()
+  result.update(
+      steps=total_steps, resumed_from_step=start_step,
+      train_time_s=round(train_time, 2),
+      steps_per_s_this_run=round((total_steps - start_step) / max(train_time,
+                                                                   1e-9), 3),
+      wall_time_s=round(time.time() - t_start, 2),
+      config=config.to_dict(), cost=model_cost(model, info.image_shape),
+      devices=jax.device_count(), platform=jax.devices()[0].platform)
+  result.update({k: result["cost"][k] for k in ("macs", "bops",
+                                                 "weight_bits")})
+  if jax.process_index() == 0:
+    write_json_atomic(os.path.join(workdir, "result.json"), result)
+  logging.info("final eval accuracy %.4f loss %.4f after %d steps",
+               result["eval_accuracy"], result["eval_loss"], total_steps)
+  return result
+
+
+def _num(d: dict) -> dict:
+  return {k: v for k, v in d.items() if isinstance(v, (int, float))}
+
+
+def _check_finite(step: int, metrics) -> None:
+  """Stops on a non-finite loss, gradient or updated parameter."""
+  for key in ("loss", "grad_norm", "param_norm"):
+    value = float(metrics[key])
+    if not np.isfinite(value):
+      raise NonFiniteLossError(
+          f"{key} is {value} at step {step}; stopping. The last good "
+          "checkpoint is kept (nothing was saved after the failure).")
+
+
+__all__ = ["TrainState", "train_and_evaluate", "create_model",
+           "validate_config", "CheckpointError", "NonFiniteLossError"]

@@ -1,0 +1,178 @@
+"""Training loop: resume after SIGKILL, determinism, NaN stop, bad checkpoints.
+
+Runs tiny models on a slice of the real Fashion-MNIST (built offline); no
+accuracy is asserted here beyond "it learns something".
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_overrides(data_dir, **kw):
+  o = dict(dataset="fashion_mnist", data_dir=str(data_dir),
+           model="cifar_resnet8", width=0.25, quant="lsq:w4a4_fl8",
+           batch_size=32, eval_batch_size=250, num_train_examples=512,
+           num_eval_examples=500, num_epochs=2.0, warmup_epochs=0.5,
+           learning_rate=0.05, log_every_steps=8, checkpoint_every_steps=8,
+           keep_checkpoints=3, seed=3)
+  o.update(kw)
+  return o
+
+
+def tiny_config(data_dir, **kw):
+  sys.path.insert(0, str(ROOT))
+  from configs import base  # pylint: disable=g-import-not-at-top
+  c = base.get_config()
+  for k, v in tiny_overrides(data_dir, **kw).items():
+    c[k] = v
+  return c
+
+
+def main_cmd(workdir, data_dir, **kw):
+  cmd = [sys.executable, "-m", "aqt_ext.main",
+         f"--config={ROOT / 'configs' / 'base.py'}", f"--workdir={workdir}"]
+  cmd += [f"--config.{k}={v}" for k, v in tiny_overrides(data_dir,
+                                                          **kw).items()]
+  return cmd
+
+
+def final_params(workdir):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  mgr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  tree = mgr.restore(mgr.latest_step(), args=ocp.args.StandardRestore())
+  return mgr.latest_step(), tree
+
+
+def assert_trees_equal(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_train_writes_result_and_is_deterministic(fashion_mnist_dir,
+                                                  tmp_path):
+  from aqt_ext import train  # pylint: disable=g-import-not-at-top
+  r1 = train.train_and_evaluate(tiny_config(fashion_mnist_dir),
+                                str(tmp_path / "a"))
+  r2 = train.train_and_evaluate(tiny_config(fashion_mnist_dir),
+                                str(tmp_path / "b"))
+  on_disk = json.loads((tmp_path / "a" / "result.json").read_text())
+  for key in ("eval_accuracy", "eval_loss", "steps", "macs", "bops",
+              "weight_bits", "config", "wall_time_s"):
+    assert key in on_disk
+  assert on_disk["steps"] == 32 and on_disk["eval_examples"] == 500
+  assert on_disk["config"]["quant"] == "lsq:w4a4_fl8"
+  assert on_disk["macs"] > 0 and on_disk["bops"] > 0
+  # Learned something on real data (10 classes: chance is 0.1).
+  assert on_disk["eval_accuracy"] > 0.15  # 500 examples: 6 sigma
+  _, p1 = final_params(tmp_path / "a")
+  _, p2 = final_params(tmp_path / "b")
+  assert_trees_equal(p1, p2)
+  assert r1["eval_accuracy"] == r2["eval_accuracy"]
+  # A different seed gives different parameters.
+  train.train_and_evaluate(tiny_config(fashion_mnist_dir, seed=4,
+                                       num_epochs=0.25),
+                           str(tmp_path / "c"))
+  _, p3 = final_params(tmp_path / "c")
+  assert not np.array_equal(np.asarray(p3["params"]["head"]["kernel"]),
+                            np.asarray(p1["params"]["head"]["kernel"]))
+
+
+def test_sigkill_and_rerun_resumes_identically(fashion_mnist_dir, tmp_path):
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  long = dict(num_epochs=12.0, checkpoint_every_steps=16)  # 192 steps
+  ref = tmp_path / "ref"
+  subprocess.run(main_cmd(ref, fashion_mnist_dir, **long), check=True,
+                 env=env, cwd=ROOT, capture_output=True)
+
+  run = tmp_path / "run"
+  proc = subprocess.Popen(main_cmd(run, fashion_mnist_dir, **long), env=env,
+                          cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  ckpts = run / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    done = [int(p.name) for p in ckpts.glob("*") if p.name.isdigit()] \
+        if ckpts.exists() else []
+    if done and max(done) >= 32:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "run finished before it could be killed"
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert not (run / "result.json").exists()
+
+  out = subprocess.run(main_cmd(run, fashion_mnist_dir, **long), check=True,
+                       env=env, cwd=ROOT, capture_output=True, text=True)
+  result = json.loads((run / "result.json").read_text())
+  assert 32 <= result["resumed_from_step"] < 192, out.stderr[-2000:]
+  s1, p1 = final_params(ref)
+  s2, p2 = final_params(run)
+  assert s1 == s2 == 192
+  assert_trees_equal(p1, p2)
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(
+    fashion_mnist_dir, tmp_path):
+  from aqt_ext import train  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config(fashion_mnist_dir, quant="float", learning_rate=1e30,
+                    warmup_epochs=0.0, checkpoint_every_steps=1,
+                    num_epochs=1.0)
+  with pytest.raises(train.NonFiniteLossError, match=r"at step (\d+)") as e:
+    train.train_and_evaluate(cfg, str(tmp_path))
+  bad_step = int(e.value.args[0].split("at step ")[1].split(";")[0])
+  saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").glob("*")
+                 if p.name.isdigit())
+  assert saved and max(saved) == bad_step - 1
+  _, tree = final_params(tmp_path)
+  assert all(np.isfinite(np.asarray(x)).all()
+             for x in jax.tree.leaves(tree["params"]))
+  assert not (tmp_path / "result.json").exists()
+
+
+def test_corrupted_checkpoint_is_reported_not_overwritten(fashion_mnist_dir,
+                                                          tmp_path):
+  from aqt_ext import train  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config(fashion_mnist_dir, num_epochs=1.0)
+  train.train_and_evaluate(cfg, str(tmp_path))
+  latest = tmp_path / "checkpoints" / "16"
+  assert latest.is_dir()
+  # Damage every data file of the latest checkpoint.
+  damaged = 0
+  for f in latest.rglob("*"):
+    if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
+      f.write_bytes(b"\0garbage")
+      damaged += 1
+  assert damaged
+  before = sorted(str(p) for p in latest.rglob("*"))
+  cfg2 = tiny_config(fashion_mnist_dir, num_epochs=2.0)
+  with pytest.raises(train.CheckpointError, match="step 16"):
+    train.train_and_evaluate(cfg2, str(tmp_path))
+  assert sorted(str(p) for p in latest.rglob("*")) == before
+  assert (tmp_path / "checkpoints" / "8").is_dir()
+
+
+def test_bad_config_is_refused_before_work(tmp_path):
+  from aqt_ext import train  # pylint: disable=g-import-not-at-top
+  for field, value, msg in [("optimizer", "lamb", "config.optimizer"),
+                            ("model", "resnet51", "config.model"),
+                            ("quant", "w4a", "quant spec"),
+                            ("dataset", "svhn", "config.dataset")]:
+    cfg = tiny_config(tmp_path, **{field: value})
+    with pytest.raises(ValueError, match=msg):
+      train.train_and_evaluate(cfg, str(tmp_path / field))
+    assert not (tmp_path / field).exists()
+  shutil.rmtree(tmp_path, ignore_errors=True)
