@@ -176,3 +176,18 @@ def test_bad_config_is_refused_before_work(tmp_path):
       train.train_and_evaluate(cfg, str(tmp_path / field))
     assert not (tmp_path / field).exists()
   shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.mark.parametrize("name", [
+    "default", "fashion_mnist_float", "fashion_mnist_w4a4",
+    "cifar10_resnet20", "imagenet_resnet50_bf16", "imagenet_resnet50_w8a8",
+    "imagenet_resnet50_w4a4"])
+def test_shipped_configs_validate(name):
+  import importlib  # pylint: disable=g-import-not-at-top
+  from aqt_ext import train  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, str(ROOT))
+  config = importlib.import_module(f"configs.{name}").get_config()
+  train.validate_config(config)
+  if name.startswith("imagenet"):
+    assert config.learning_rate == pytest.approx(0.1 * config.batch_size / 256)
+    assert (config.num_epochs, config.warmup_epochs) == (250, 5)

@@ -1,0 +1,17 @@
+"""Fashion-MNIST, full-width CIFAR-style ResNet-20, float, longer budget."""
+
+from configs import base
+
+
+def get_config():
+  c = base.get_config()
+  c.model = "cifar_resnet20"
+  c.width = 1.0
+  c.quant = "float"
+  c.num_epochs = 30.0
+  c.warmup_epochs = 1.0
+  c.learning_rate = 0.1
+  c.batch_size = 128
+  c.label_smoothing = 0.0
+  c.checkpoint_every_steps = 1000
+  return c

@@ -1,0 +1,7 @@
+"""ImageNet ResNet-50 v1.5 at bf16 (see imagenet_resnet50.py)."""
+
+from configs import imagenet_resnet50
+
+
+def get_config():
+  return imagenet_resnet50.get_config("bf16")
