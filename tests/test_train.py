@@ -191,3 +191,40 @@ def test_shipped_configs_validate(name):
   if name.startswith("imagenet"):
     assert config.learning_rate == pytest.approx(0.1 * config.batch_size / 256)
     assert (config.num_epochs, config.warmup_epochs) == (250, 5)
+
+
+def test_data_parallel_over_two_devices(fashion_mnist_dir, tmp_path):
+  """The batch is sharded over a 2-device mesh (forced host devices)."""
+  env = {**os.environ, "PYTHONPATH": str(ROOT),
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  subprocess.run(main_cmd(tmp_path, fashion_mnist_dir, num_epochs=0.5),
+                 check=True, env=env, cwd=ROOT, capture_output=True)
+  result = json.loads((tmp_path / "result.json").read_text())
+  assert result["devices"] == 2 and result["steps"] == 8
+  assert np.isfinite(result["eval_loss"])
+
+
+def test_qat_from_float_checkpoint(fashion_mnist_dir, tmp_path):
+  """Float params load unchanged; LSQ steps are created from them."""
+  from aqt_ext import data, train  # pylint: disable=g-import-not-at-top
+  train.train_and_evaluate(tiny_config(fashion_mnist_dir, quant="float",
+                                       num_epochs=0.5), str(tmp_path / "f"))
+  floats = train.load_float_variables(str(tmp_path / "f"))
+  cfg = tiny_config(fashion_mnist_dir, quant="lsq:w4a4_fl8",
+                    init_from=str(tmp_path / "f"))
+  model = train.create_model(cfg, 10)
+  batch = data.make_train_stream("fashion_mnist", 32, 0,
+                                 fashion_mnist_dir).batch(0)["image"]
+  state, _ = train.create_state(cfg, model, batch, 16, floats)
+  p = state.params
+  np.testing.assert_array_equal(p["head"]["kernel"],
+                                floats["params"]["head"]["kernel"])
+  conv = p["stage0_block0"]["conv1"]
+  assert set(conv) == {"kernel", "kernel_lsq_step", "input_lsq_step"}
+  # LSQ init from the loaded kernel: s = 2 mean|w| / sqrt(Qp), per channel.
+  w = np.asarray(floats["params"]["stage0_block0"]["conv1"]["kernel"])
+  np.testing.assert_allclose(
+      np.ravel(conv["kernel_lsq_step"]),
+      2 * np.abs(w).mean(axis=(0, 1, 2)) / np.sqrt(7), rtol=1e-5)
+  np.testing.assert_array_equal(state.batch_stats["bn_init"]["mean"],
+                                floats["batch_stats"]["bn_init"]["mean"])

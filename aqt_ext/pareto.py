@@ -1,0 +1,289 @@
+"""Pareto analysis of a sweep: which bit width and model size is best per cost.
+
+Pure functions over result records (the ``status: ok`` lines of a sweep's
+``results.jsonl``, see `aqt_ext.sweep`), plus writers:
+
+* `aggregate`: one `Row` per configuration (model, width, quant, first/last,
+  method), accuracy averaged over seeds (mean, min, max).
+* `frontier_mask`: the non-dominated items when the cost is lower-is-better
+  and the quality higher-is-better. `mark_frontiers` applies it to the rows in
+  (BOPs, accuracy) and in (weight bits, accuracy), on the mean accuracy.
+* `summary_markdown`, `frontier_csv`, `plot_pareto` (PNG bytes, matplotlib
+  with the Agg backend) and `write_report`, which writes ``summary.md``,
+  ``frontier.csv`` and ``pareto.png`` atomically (temp file + os.replace).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import os
+import tempfile
+from typing import Any, Iterable, Mapping, Sequence
+
+CONFIG_AXES = ("model", "width", "quant", "first_last", "method")
+REPORT_FILES = ("summary.md", "frontier.csv", "pareto.png")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One configuration, its accuracy aggregated over seeds.
+
+  Attributes:
+    model, width, quant, first_last, method: the configuration's axes
+      (`method` is None for an unquantized model).
+    spec: the full quant spec string the model trained with.
+    seeds: how many seeds were aggregated.
+    accuracy, accuracy_min, accuracy_max: mean, min and max test accuracy.
+    macs, bops, weight_bits: cost of one inference (`aqt_ext.cost`).
+    on_bops_frontier, on_weight_bits_frontier: non-dominated in (BOPs,
+      accuracy) / (weight bits, accuracy).
+  """
+
+  model: str
+  width: float
+  quant: str
+  first_last: int | None
+  method: str | None
+  spec: str
+  seeds: int
+  accuracy: float
+  accuracy_min: float
+  accuracy_max: float
+  macs: float
+  bops: float
+  weight_bits: float
+  on_bops_frontier: bool = False
+  on_weight_bits_frontier: bool = False
+
+  @property
+  def quant_label(self) -> str:
+    """The quant axis with its first/last policy, e.g. ``w4a4_fl8``."""
+    return self.quant + (f"_fl{self.first_last}" if self.first_last else "")
+
+  @property
+  def model_label(self) -> str:
+    """Short model size label, e.g. ``resnet8 x0.5``."""
+    return f"{self.model.removeprefix('cifar_')} x{self.width:g}"
+
+
+# ---------------------------------------------------------------------------
+# Pure analysis.
+# ---------------------------------------------------------------------------
+
+def frontier_mask(costs: Sequence[float], qualities: Sequence[float]
+                  ) -> list[bool]:
+  """Which items are Pareto-optimal (lower cost, higher quality is better).
+
+  Item j dominates item i when it costs no more, is no worse, and is strictly
+  better in at least one of the two. Exact ties dominate neither other, so
+  identical items are all on the frontier.
+  """
+  if len(costs) != len(qualities):
+    raise ValueError(f"costs ({len(costs)}) and qualities ({len(qualities)}) "
+                     "must have the same length")
+
+  def dominated(i: int) -> bool:
+    return any(
+        costs[j] <= costs[i] and qualities[j] >= qualities[i]
+        and (costs[j] < costs[i] or qualities[j] > qualities[i])
+        for j in range(len(costs)))
+
+  return [not dominated(i) for i in range(len(costs))]
+
+
+def _config_key(record: Mapping[str, Any]) -> tuple:
+  return tuple(record["axes"][k] for k in CONFIG_AXES)
+
+
+def aggregate(records: Iterable[Mapping[str, Any]]) -> list[Row]:
+  """One Row per configuration (all axes but the seed), sorted by BOPs.
+
+  Each record needs ``axes`` (with the keys of `CONFIG_AXES`), ``spec``,
+  ``eval_accuracy``, ``macs``, ``bops`` and ``weight_bits``. Cost does not
+  depend on the seed; the first record's is kept.
+  """
+  groups: dict[tuple, list[Mapping[str, Any]]] = {}
+  for r in records:
+    groups.setdefault(_config_key(r), []).append(r)
+  rows = []
+  for key, group in groups.items():
+    acc = [float(r["eval_accuracy"]) for r in group]
+    first = group[0]
+    rows.append(Row(**dict(zip(CONFIG_AXES, key)), spec=first["spec"],
+                    seeds=len(group), accuracy=sum(acc) / len(acc),
+                    accuracy_min=min(acc), accuracy_max=max(acc),
+                    macs=first["macs"], bops=first["bops"],
+                    weight_bits=first["weight_bits"]))
+  return sorted(rows, key=lambda r: (r.bops, -r.accuracy))
+
+
+def mark_frontiers(rows: Sequence[Row]) -> list[Row]:
+  """`rows` with their (BOPs, accuracy) and (weight bits, accuracy) flags."""
+  acc = [r.accuracy for r in rows]
+  on_bops = frontier_mask([r.bops for r in rows], acc)
+  on_bits = frontier_mask([r.weight_bits for r in rows], acc)
+  return [dataclasses.replace(r, on_bops_frontier=b, on_weight_bits_frontier=w)
+          for r, b, w in zip(rows, on_bops, on_bits)]
+
+
+def summarize(records: Iterable[Mapping[str, Any]]) -> list[Row]:
+  """Aggregated rows with their frontier flags."""
+  return mark_frontiers(aggregate(records))
+
+
+# ---------------------------------------------------------------------------
+# Tables.
+# ---------------------------------------------------------------------------
+
+def _si(x: float) -> str:
+  """3 significant digits with an SI suffix: 1.23M, 45.6G."""
+  for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+    if abs(x) >= factor:
+      return f"{x / factor:.3g}{suffix}"
+  return f"{x:.3g}"
+
+
+def _accuracy_cell(row: Row) -> str:
+  mean = f"{100 * row.accuracy:.2f}"
+  if row.seeds == 1:
+    return mean
+  return f"{mean} ± {50 * (row.accuracy_max - row.accuracy_min):.2f}"
+
+
+def _frontier_cell(row: Row) -> str:
+  return ", ".join(name for name, on in (("BOPs", row.on_bops_frontier),
+                                         ("bits", row.on_weight_bits_frontier))
+                   if on)
+
+
+def summary_markdown(rows: Sequence[Row],
+                     failed: Sequence[Mapping[str, Any]] = ()) -> str:
+  """Markdown table of `rows`, then the failed points and their errors."""
+  lines = [
+      "| model | width | quant | method | seeds | accuracy (%) | MACs | BOPs "
+      "| weight bits | on frontier |",
+      "|---|---:|---|---|---:|---:|---:|---:|---:|---|"]
+  for r in rows:
+    lines.append(
+        f"| {r.model} | {r.width:g} | {r.quant_label} | {r.method or '-'} | "
+        f"{r.seeds} | {_accuracy_cell(r)} | {_si(r.macs)} | {_si(r.bops)} | "
+        f"{_si(r.weight_bits)} | {_frontier_cell(r)} |")
+  lines += ["", "Accuracy: test accuracy, mean over seeds ± half the min-max "
+            "range. On frontier: not dominated in (BOPs, accuracy) and/or "
+            "(weight bits, accuracy)."]
+  if failed:
+    lines += ["", f"Failed points ({len(failed)}; retried on the next run):",
+              ""]
+    lines += [f"- `{f['id']}`: {f['error'].splitlines()[0] if f['error'] else ''}"
+              for f in failed]
+  return "\n".join(lines) + "\n"
+
+
+def frontier_csv(rows: Sequence[Row]) -> str:
+  """CSV of the rows on either frontier, sorted by BOPs."""
+  fields = ("model", "width", "quant", "first_last", "method", "spec",
+            "seeds", "accuracy", "accuracy_min", "accuracy_max", "macs",
+            "bops", "weight_bits", "on_bops_frontier",
+            "on_weight_bits_frontier")
+  out = io.StringIO()
+  writer = csv.writer(out, lineterminator="\n")
+  writer.writerow(fields)
+  for r in rows:
+    if r.on_bops_frontier or r.on_weight_bits_frontier:
+      writer.writerow(["" if getattr(r, f) is None else getattr(r, f)
+                       for f in fields])
+  return out.getvalue()
+
+
+# ---------------------------------------------------------------------------
+# Plot.
+# ---------------------------------------------------------------------------
+
+def _curves(rows: Sequence[Row]) -> list[tuple[str, list[Row]]]:
+  """Rows grouped by quant spec (one curve each), most bits per MAC first."""
+  groups: dict[str, list[Row]] = {}
+  for r in rows:
+    groups.setdefault(r.spec, []).append(r)
+  return sorted(((spec, sorted(g, key=lambda r: r.bops))
+                 for spec, g in groups.items()),
+                key=lambda item: -item[1][0].bops / max(item[1][0].macs, 1))
+
+
+def _panel(ax, rows: Sequence[Row], cost: str, flag: str, xlabel: str,
+           scale: float) -> None:
+  """One accuracy-vs-cost panel: a curve per quant spec, frontier on top."""
+  for spec, group in _curves(rows):
+    x = [getattr(r, cost) * scale for r in group]
+    y = [100 * r.accuracy for r in group]
+    err = [[100 * (r.accuracy - r.accuracy_min) for r in group],
+           [100 * (r.accuracy_max - r.accuracy) for r in group]]
+    ax.errorbar(x, y, yerr=err if any(r.seeds > 1 for r in group) else None,
+                marker="o", ms=5, lw=1.2, capsize=2, label=spec)
+    for xi, yi, r in zip(x, y, group):
+      ax.annotate(r.model_label, (xi, yi), textcoords="offset points",
+                  xytext=(4, -9), fontsize=6.5, color="0.35")
+  front = sorted((r for r in rows if getattr(r, flag)),
+                 key=lambda r: getattr(r, cost))
+  fx = [getattr(r, cost) * scale for r in front]
+  fy = [100 * r.accuracy for r in front]
+  ax.plot(fx, fy, "k--", lw=1, drawstyle="steps-post", zorder=3)
+  ax.scatter(fx, fy, s=140, facecolors="none", edgecolors="k", lw=1.3,
+             zorder=4, label="Pareto frontier")
+  ax.set_xscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel("test accuracy (%)")
+  ax.grid(True, which="both", alpha=0.3)
+
+
+def plot_pareto(rows: Sequence[Row], title: str = "") -> bytes:
+  """PNG: accuracy vs BOPs and vs weight memory, both on log x axes."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.2), sharey=True)
+  _panel(left, rows, "bops", "on_bops_frontier", "BOPs per image (log)", 1.0)
+  _panel(right, rows, "weight_bits", "on_weight_bits_frontier",
+         "weight memory (KiB, log)", 1 / 8 / 1024)
+  right.set_ylabel("")
+  left.legend(fontsize=8, loc="lower right")
+  fig.suptitle(title or "accuracy vs cost")
+  fig.tight_layout()
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=120)
+  plt.close(fig)
+  return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------
+# Files.
+# ---------------------------------------------------------------------------
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+  """Writes `data` to a temp file beside `path`, fsyncs, renames over it."""
+  directory = os.path.dirname(path) or "."
+  os.makedirs(directory, exist_ok=True)
+  with tempfile.NamedTemporaryFile("wb", dir=directory, delete=False,
+                                   suffix=".tmp") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(f.name, path)
+
+
+def write_report(rows: Sequence[Row], failed: Sequence[Mapping[str, Any]],
+                 out_dir: str, title: str = "") -> str:
+  """Writes summary.md, frontier.csv and pareto.png; returns the table."""
+  table = summary_markdown(rows, failed)
+  write_bytes_atomic(os.path.join(out_dir, "summary.md"), table.encode())
+  write_bytes_atomic(os.path.join(out_dir, "frontier.csv"),
+                     frontier_csv(rows).encode())
+  write_bytes_atomic(os.path.join(out_dir, "pareto.png"),
+                     plot_pareto(rows, title))
+  return table
+
+
+__all__ = ["Row", "aggregate", "frontier_mask", "mark_frontiers", "summarize",
+           "summary_markdown", "frontier_csv", "plot_pareto", "write_report",
+           "write_bytes_atomic", "REPORT_FILES"]

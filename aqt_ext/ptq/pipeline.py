@@ -1,0 +1,706 @@
+"""Post-training quantization (PTQ) of a trained float checkpoint.
+
+``run_ptq(config, checkpoint_dir, workdir)`` (CLI: ``python -m aqt_ext.ptq``):
+
+1. Refuses a bad config before any work (`validate_ptq_config`), naming the
+   field and its allowed values.
+2. Loads the float checkpoint (`train.load_float_variables`) and checks it
+   against the model the config names: the first parameter (in the model's
+   order) whose shape differs, or that only one side has, is named with both
+   shapes (`CheckpointMismatchError`).
+3. Folds every BatchNorm into its conv (`bn_fold`).
+4. Quantizes every conv and dense kernel whose layer has quantized weights in
+   ``config.quant`` by ``config.ptq.method`` (below), at that layer's weight
+   bits. The result is stored dequantized in ``params``; the model then runs
+   with float weights (``TensorQuant('float')``) on those values.
+5. Calibrates the static activation ranges of the layers' inputs on the first
+   ``config.num_calibration_batches`` training batches (no augmentation),
+   through the ``quant_stats`` collection of `aqt_ext.layers`: ``ema`` (the
+   layers' EMA, decay ``ptq.ema_decay``, first batch taken as is) or ``max``
+   (the maximum over the batches of each batch's range).
+6. Evaluates on the whole eval split (or ``config.num_eval_examples``) and
+   writes ``workdir/result.json`` atomically.
+
+Bits come from ``config.quant``, a `config.parse_spec` string without a
+METHOD prefix: ``wWaA`` (e.g. ``w4a8``), optionally ``_flB`` (first and last
+layer at B bits), or ``float``. Inputs are per-tensor uniform: unsigned after
+a ReLU, signed (``full`` grid) for the first layer, as in QAT.
+
+Methods (``config.ptq.method``):
+
+* ``rtn``: round to nearest on the symmetric restricted grid
+  +-(2^(b-1) - 1), scale absmax / (2^(b-1) - 1) per output channel or per
+  tensor (``ptq.granularity``).
+* ``pwlq``: piecewise linear, per output channel (`pwlq.py`); breakpoint by
+  ``ptq.breakpoint`` (``grid``, ``gaussian``, ``laplacian``, ``bisection``
+  with ``ptq.prior``, or ``fixed``: p = ``ptq.breakpoint_ratio`` * max|w|,
+  the ratio in (0, 1/2), i.e. p in (0, m/2)); ``ptq.bias_correction``.
+* ``rex``: residual expansion of order K = ``ptq.order`` over ``rtn``
+  (`rex.py`), group sparsity ``ptq.sparsity`` for the orders >= 2. Each
+  layer's BOPs are multiplied by ``rex_bops_factor(K, s)`` through
+  `cost.model_cost`'s multipliers. ``ptq.execution``:
+
+  - ``sum``: one network; each layer runs its K products on the same
+    quantized input and adds them, i.e. it uses the kernel sum_k R_k (equal
+    by linearity, up to float rounding).
+  - ``ensemble``: K copies of the network, copy k with kernel R_k in every
+    layer, and the eval logits are the sum over the copies of each copy's
+    logits (the head's output, bias included). Copy 1 keeps all biases (the
+    folded BatchNorm biases and the head bias); copies k >= 2 have every bias
+    set to zero, so they are bias-free ReLU networks of the residuals. Every
+    copy has its own activation ranges, calibrated on its own activations.
+    [design] This equals the ``sum`` execution only for a network without
+    nonlinearities; for a ReLU network it is an approximation whose accuracy
+    is measured, not assumed. It needs every layer's weights quantized.
+
+* ``aquant``: ``rtn`` weights; every quantized layer input is rounded with an
+  AQuant border per input channel (`aquant.py`): initialised by
+  ``init_border`` from the folded float and quantized kernels and, with
+  ``ptq.learn_border``, fitted per layer by ``learn_border`` (``border_steps``
+  Adam steps at ``border_lr``) on that layer's inputs for the first
+  ``border_examples`` calibration images, captured in one pass of the
+  quantized network with the initial borders [design]. The scale is the
+  static range calibrated with round-to-nearest activations. Eval uses the
+  hard border. `aqt_ext.layers` has no hook for a custom input rounding yet,
+  so the border runs in a `flax.linen.intercept_methods` interceptor that
+  quantizes a `QuantConv` / `QuantDense` input before the layer's own
+  (float) input quantizer, from the ``aquant`` variable collection
+  (``scale``, ``alpha``, ``beta``, ``qmin``, ``qmax`` per layer).
+
+result.json has the keys of training's (eval_accuracy, eval_loss,
+eval_examples, steps = 0, wall_time_s, config, cost, macs, bops,
+weight_bits, devices, platform) plus ``method``, ``ptq`` (the options that
+method uses), ``ptq_time_s`` (BN folding, weight quantization, calibration
+and border learning, JIT compilation included; loading and eval excluded),
+``checkpoint``, ``weight_mse`` (mean squared difference between the folded
+float kernels and the kernels the network effectively uses, over all
+quantized weights) and ``stored_weight_bits`` (weight memory with the
+method's storage: PWLQ one region bit more per weight, REx the BOPs factor
+times the b-bit memory; ``weight_bits`` counts b bits per weight).
+
+For sweeps: `ptq_runner(method, **options)` gives a runner ``(config,
+workdir) -> result`` that reads the float checkpoint from
+``config.init_from``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from aqt_ext import cost as cost_lib
+from aqt_ext import data as data_lib
+from aqt_ext import models
+from aqt_ext import quantizers as qz
+from aqt_ext import train
+from aqt_ext.config import LayerQuant, ModelQuant, parse_spec
+from aqt_ext.layers import STATS, QuantConv, QuantDense
+from aqt_ext.ptq import aquant, bn_fold, pwlq, rex
+
+METHODS = ("rtn", "pwlq", "rex", "aquant")
+GRANULARITIES = ("per_channel", "per_tensor")
+BREAKPOINTS = pwlq.METHODS + ("fixed",)
+EXECUTIONS = ("sum", "ensemble")
+CALIBRATIONS = ("ema", "max")
+AQUANT = "aquant"  # variable collection of the AQuant scales and borders
+
+Path = str  # '/'-joined module path, e.g. 'stage1_block0/conv2'
+Terms = list  # the dequantized kernel terms of one layer (one, or K for REx)
+Runner = Callable[[ml_collections.ConfigDict, str], dict]
+
+
+class CheckpointMismatchError(ValueError):
+  """The float checkpoint does not fit the model the config names."""
+
+
+# ---------------------------------------------------------------------------
+# Config.
+# ---------------------------------------------------------------------------
+
+def ptq_defaults() -> ml_collections.ConfigDict:
+  """The ``config.ptq`` fields and their defaults (module docstring)."""
+  p = ml_collections.ConfigDict()
+  p.method = "rtn"
+  p.granularity = "per_channel"  # rtn; base quantizer of rex and aquant
+  p.breakpoint = "grid"  # pwlq
+  p.breakpoint_ratio = 0.25  # pwlq with breakpoint='fixed': p / max|w|
+  p.prior = "gaussian"  # pwlq with breakpoint='bisection'
+  p.bias_correction = False  # pwlq
+  p.order = 2  # rex: K
+  p.sparsity = 0.0  # rex
+  p.execution = "sum"  # rex
+  p.learn_border = True  # aquant
+  p.border_steps = 200
+  p.border_lr = 1e-2
+  p.border_examples = 256
+  p.calibration = "ema"
+  p.ema_decay = 0.9
+  return p
+
+
+def with_ptq_defaults(config: ml_collections.ConfigDict
+                      ) -> ml_collections.ConfigDict:
+  """A copy of a training config with the PTQ fields it lacks added."""
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    if "num_calibration_batches" not in c:
+      c.num_calibration_batches = 8
+    if "ptq" not in c:
+      c.ptq = ml_collections.ConfigDict()
+    for key, value in ptq_defaults().items():
+      if key not in c.ptq:
+        c.ptq[key] = value
+  return c
+
+
+def _refuse(field: str, value: Any, allowed: str) -> ValueError:
+  return ValueError(f"config.{field}={value!r} is not allowed; allowed "
+                    f"values: {allowed}")
+
+
+def _check_choice(field: str, value: Any, allowed: Sequence[str]) -> None:
+  if value not in allowed:
+    raise _refuse(field, value, ", ".join(map(repr, allowed)))
+
+
+def _check_bool(field: str, value: Any) -> None:
+  if not isinstance(value, bool):
+    raise _refuse(field, value, "True, False")
+
+
+def _check_int(field: str, value: Any, low: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    raise _refuse(field, value, f"ints >= {low}")
+
+
+def _check_interval(field: str, value: Any, low: float, high: float,
+                    low_open: bool, note: str = "") -> None:
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if ok:
+    ok = (low < value if low_open else low <= value) and value < high
+  if not ok:
+    raise _refuse(field, value, f"{'(' if low_open else '['}{low}, {high})"
+                  + note)
+
+
+def spec_model_quant(quant: str) -> ModelQuant:
+  """The bits of every layer: `parse_spec` of ``config.quant``, refused
+  unless it is plain uniform (``float`` or ``wWaA[_flB]``)."""
+  mq = parse_spec(quant, first=models.FIRST_LAYER, last=models.LAST_LAYER)
+  for lq in (mq.default, *(lq for _, lq in mq.rules)):
+    if (lq.weight.method not in ("float", "uniform")
+        or lq.input.method not in ("float", "uniform")
+        or lq.input.granularity != "per_tensor"):
+      raise _refuse("quant", quant, "'float' or 'wWaA[_flB]' without a "
+                    "METHOD prefix (the PTQ method is config.ptq.method)")
+  return mq
+
+
+def validate_ptq_config(config: ml_collections.ConfigDict) -> ModelQuant:
+  """Refuses a bad PTQ config before any work, naming the field; returns
+  the per-layer bits (`spec_model_quant`)."""
+  train.validate_config(config)
+  spec = spec_model_quant(config.quant)
+  p = config.ptq
+  _check_choice("ptq.method", p.method, METHODS)
+  _check_choice("ptq.granularity", p.granularity, GRANULARITIES)
+  _check_choice("ptq.breakpoint", p.breakpoint, BREAKPOINTS)
+  _check_interval("ptq.breakpoint_ratio", p.breakpoint_ratio, 0.0, 0.5, True,
+                  " exclusive: the breakpoint p = ratio * m must lie in "
+                  "(0, m/2), m = max|w| of the output channel")
+  _check_choice("ptq.prior", p.prior, pwlq.PRIORS)
+  _check_bool("ptq.bias_correction", p.bias_correction)
+  _check_int("ptq.order", p.order, 1)
+  _check_interval("ptq.sparsity", p.sparsity, 0.0, 1.0, False)
+  _check_choice("ptq.execution", p.execution, EXECUTIONS)
+  _check_choice("ptq.calibration", p.calibration, CALIBRATIONS)
+  _check_interval("ptq.ema_decay", p.ema_decay, 0.0, 1.0, False)
+  _check_bool("ptq.learn_border", p.learn_border)
+  _check_int("ptq.border_steps", p.border_steps, 1)
+  _check_interval("ptq.border_lr", p.border_lr, 0.0, float("inf"), True)
+  _check_int("ptq.border_examples", p.border_examples, 1)
+  _check_int("num_calibration_batches", config.num_calibration_batches, 1)
+  if p.execution == "ensemble":
+    if p.method != "rex":
+      raise _refuse("ptq.execution", p.execution,
+                    "'sum' (ensemble needs ptq.method='rex')")
+    if not all(lq.weight.quantized
+               for lq in (spec.default, *(lq for _, lq in spec.rules))):
+      raise _refuse("ptq.execution", p.execution, "'sum' (ensemble needs "
+                    "every layer's weights quantized in config.quant)")
+  return spec
+
+
+def _method_options(config: ml_collections.ConfigDict) -> dict:
+  """The options the chosen method uses (for result tables)."""
+  p = config.ptq
+  fields = {"rtn": ["granularity"],
+            "pwlq": ["breakpoint", "bias_correction"],
+            "rex": ["granularity", "order", "sparsity", "execution"],
+            "aquant": ["granularity", "learn_border"]}[p.method]
+  if p.method == "pwlq" and p.breakpoint == "fixed":
+    fields.append("breakpoint_ratio")
+  if p.method == "pwlq" and p.breakpoint == "bisection":
+    fields.append("prior")
+  if p.method == "aquant" and p.learn_border:
+    fields += ["border_steps", "border_lr", "border_examples"]
+  fields.append("calibration")
+  if p.calibration == "ema":
+    fields.append("ema_decay")
+  out = {f: p[f] for f in fields}
+  out["num_calibration_batches"] = config.num_calibration_batches
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Model, checkpoint.
+# ---------------------------------------------------------------------------
+
+def _ptq_layer(lq: LayerQuant, ema_decay: float, float_inputs: bool
+               ) -> LayerQuant:
+  """Float weights (quantized offline); a quantized input gets a static
+  range, or stays float for AQuant's interceptor."""
+  if float_inputs or not lq.input.quantized:
+    return LayerQuant()
+  return LayerQuant(input=lq.input.replace(calibration="static",
+                                           ema_decay=ema_decay))
+
+
+def ptq_model_quant(spec: ModelQuant, ema_decay: float,
+                    float_inputs: bool = False) -> ModelQuant:
+  """The ModelQuant the PTQ network runs with (see `_ptq_layer`)."""
+  layer = functools.partial(_ptq_layer, ema_decay=ema_decay,
+                            float_inputs=float_inputs)
+  return ModelQuant(default=layer(spec.default),
+                    rules=tuple((p, layer(lq)) for p, lq in spec.rules))
+
+
+def _create_model(config: ml_collections.ConfigDict, num_classes: int,
+                  quant: ModelQuant) -> nn.Module:
+  return models.create_model(config.model, num_classes=num_classes,
+                             width=config.width, quant=quant,
+                             dtype=train.DTYPES[config.dtype])
+
+
+def _shapes(tree: Mapping) -> dict[str, tuple[int, ...]]:
+  return {"/".join(k): tuple(v.shape)
+          for k, v in flax.traverse_util.flatten_dict(dict(tree)).items()}
+
+
+def check_checkpoint(expected: Mapping, variables: Mapping,
+                     checkpoint_dir: str, model: str) -> None:
+  """Raises `CheckpointMismatchError` naming the first parameter (model
+  order, then checkpoint-only ones) whose shape differs or that one side
+  lacks, with both shapes. Compares ``params`` and ``batch_stats``."""
+  def pick(tree):
+    return {c: tree[c] for c in ("params", "batch_stats") if c in tree}
+
+  want, have = _shapes(pick(expected)), _shapes(pick(variables))
+  for path in [*want, *(p for p in have if p not in want)]:
+    if want.get(path) != have.get(path):
+      show = lambda s: "absent" if s is None else str(s)  # noqa: E731
+      raise CheckpointMismatchError(
+          f"checkpoint {checkpoint_dir!r} does not match the model of the "
+          f"config ({model}): first mismatching parameter {path!r} has shape "
+          f"{show(have.get(path))} in the checkpoint and "
+          f"{show(want.get(path))} in the model")
+
+
+# ---------------------------------------------------------------------------
+# Weights.
+# ---------------------------------------------------------------------------
+
+def rtn_quantizer(bits: int, granularity: str) -> rex.Quantizer:
+  """Round to nearest on +-(2^(b-1) - 1), absmax scale per output channel
+  (last axis) or per tensor."""
+  if granularity == "per_channel":
+    return rex.channel_quantizer(bits)
+
+  def quantize(w: jax.Array) -> jax.Array:
+    rng = qz.observe_range(w, "restricted", tuple(range(w.ndim)))
+    return qz.fake_quant(w, qz.qparams_from_range(rng, "restricted", bits))
+
+  return quantize
+
+
+def _pwlq(w: jax.Array, bits: int, ptq: ml_collections.ConfigDict
+          ) -> jax.Array:
+  if ptq.breakpoint != "fixed":
+    return pwlq.pwlq_quantize(w, bits, ptq.breakpoint, ptq.bias_correction,
+                              ptq.prior)
+  m, _ = pwlq.channel_stats(w)
+  w_hat = pwlq.pwlq_fake_quant(w, ptq.breakpoint_ratio * m, bits)
+  return pwlq.bias_correct(w, w_hat) if ptq.bias_correction else w_hat
+
+
+def quantize_kernel(w: jax.Array, bits: int, ptq: ml_collections.ConfigDict
+                    ) -> Terms:
+  """The dequantized terms of one kernel: K for REx, else one."""
+  if ptq.method == "pwlq":
+    return [_pwlq(w, bits, ptq)]
+  base = rtn_quantizer(bits, ptq.granularity)
+  if ptq.method == "rex":
+    return rex.rex_expand(w, ptq.order, base, ptq.sparsity)
+  return [base(w)]  # rtn, aquant
+
+
+def _kernels(params: Mapping) -> dict[Path, jax.Array]:
+  return {"/".join(k[:-1]): jnp.asarray(v) for k, v in
+          flax.traverse_util.flatten_dict(dict(params)).items()
+          if k[-1] == "kernel"}
+
+
+def quantize_params(params: Mapping, spec: ModelQuant,
+                    ptq: ml_collections.ConfigDict) -> dict[Path, Terms]:
+  """Terms of every kernel whose layer has quantized weights in `spec`."""
+  out = {}
+  for path, w in _kernels(params).items():
+    lq = spec.for_path(path)
+    if lq.weight.quantized:
+      out[path] = quantize_kernel(w, lq.weight.bits, ptq)
+  return out
+
+
+def weight_mse(params: Mapping, terms: Mapping[Path, Terms]) -> float | None:
+  """Mean of (w - sum_k R_k)^2 over all quantized weights (None if none)."""
+  if not terms:
+    return None
+  kernels = _kernels(params)
+  sq = sum(float(jnp.sum((kernels[p] - sum(t)) ** 2)) for p, t in
+           terms.items())
+  return sq / sum(kernels[p].size for p in terms)
+
+
+def _with_kernels(variables: Mapping, kernels: Mapping[Path, jax.Array]
+                  ) -> dict:
+  flat = flax.traverse_util.flatten_dict(dict(variables["params"]))
+  for path, kernel in kernels.items():
+    flat[(*path.split("/"), "kernel")] = kernel
+  return {**variables, "params": flax.traverse_util.unflatten_dict(flat)}
+
+
+def _without_biases(variables: Mapping) -> dict:
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.zeros_like(x) if path[-1].key == "bias" else x,
+      variables["params"])
+  return {**variables, "params": params}
+
+
+def member_variables(folded: Mapping, terms: Mapping[Path, Terms],
+                     ensemble: bool) -> list[dict]:
+  """Variables of the network(s) whose logits are summed (module doc)."""
+  if not ensemble:
+    return [_with_kernels(folded, {p: sum(t) for p, t in terms.items()})]
+  order = len(next(iter(terms.values())))
+  members = [_with_kernels(folded, {p: t[k] for p, t in terms.items()})
+             for k in range(order)]
+  return members[:1] + [_without_biases(m) for m in members[1:]]
+
+
+# ---------------------------------------------------------------------------
+# Activations: calibration, AQuant.
+# ---------------------------------------------------------------------------
+
+def calibration_images(config: ml_collections.ConfigDict) -> list[np.ndarray]:
+  """The first ``num_calibration_batches`` training batches, unaugmented."""
+  stream = data_lib.make_train_stream(
+      config.dataset, config.batch_size, config.seed, config.data_dir,
+      augment=False, num_examples=config.num_train_examples)
+  return [stream.batch(i)["image"]
+          for i in range(config.num_calibration_batches)]
+
+
+def _max_ranges(per_batch: Sequence[Mapping]) -> dict:
+  """Elementwise max over batches of each range (min for ``*_min``)."""
+  def pick(path, *leaves):
+    op = jnp.minimum if path[-1].key.endswith("_min") else jnp.maximum
+    return functools.reduce(op, leaves)
+  return jax.tree_util.tree_map_with_path(pick, *per_batch)
+
+
+def calibrate(model: nn.Module, members: Sequence[Mapping], init_stats: Mapping,
+              images: Sequence[np.ndarray], mode: str) -> list[dict]:
+  """Each member's variables with its ``quant_stats`` calibrated."""
+  @jax.jit
+  def ranges(variables, x):
+    _, new = model.apply(variables, x, train=False, mutable=[STATS])
+    return new[STATS]
+
+  out = []
+  for v in members:
+    if mode == "ema":
+      stats = init_stats
+      for x in images:
+        stats = ranges({**v, STATS: stats}, x)
+    else:
+      stats = _max_ranges([ranges({**v, STATS: init_stats}, x)
+                           for x in images])
+    out.append({**v, STATS: stats})
+  return out
+
+
+def _subtree(tree: Mapping, path: Path) -> Mapping:
+  for key in path.split("/"):
+    tree = tree[key]
+  return tree
+
+
+def _input_qparams(spec: ModelQuant, stats: Mapping, path: Path
+                   ) -> qz.QParams:
+  """The calibrated static quantization of the input of layer `path`."""
+  tq = spec.for_path(path).input
+  rng = {k.removeprefix("input_"): v for k, v in _subtree(stats, path).items()
+         if k != "input_count"}
+  return qz.qparams_from_range(rng, tq.grid, tq.bits)
+
+
+def initial_borders(spec: ModelQuant, stats: Mapping, folded: Mapping,
+                    terms: Mapping[Path, Terms]) -> dict[Path, dict]:
+  """AQuant variables of every layer with a quantized input: the static
+  scale, the grid's clip range and `aquant.init_border` (alpha, beta)."""
+  out = {}
+  for path, w in _kernels(folded["params"]).items():
+    if not spec.for_path(path).input.quantized:
+      continue
+    qp = _input_qparams(spec, stats, path)
+    w_hat = sum(terms[path]) if path in terms else w
+    alpha, beta = aquant.init_border(w, w_hat)
+    out[path] = {"scale": jnp.reshape(qp.scale, ()),
+                 "qmin": jnp.float32(qp.qmin), "qmax": jnp.float32(qp.qmax),
+                 "alpha": alpha, "beta": beta}
+  return out
+
+
+def _nest(flat: Mapping[Path, dict]) -> dict:
+  return flax.traverse_util.unflatten_dict(
+      {(*p.split("/"), k): v for p, d in flat.items() for k, v in d.items()})
+
+
+def aquant_interceptor(records: dict | None = None) -> Callable:
+  """Rounds a `QuantConv` / `QuantDense` input with its AQuant border (hard)
+  before the layer runs, where the layer has ``aquant`` variables. With
+  `records`, also stores ``path -> (bias-free unbound copy, raw input)``."""
+  def intercept(next_fun, args, kwargs, context):
+    mdl = context.module
+    if (context.method_name != "__call__"
+        or not isinstance(mdl, (QuantConv, QuantDense))
+        or not mdl.has_variable(AQUANT, "alpha")):
+      return next_fun(*args, **kwargs)
+    x = args[0]
+    if records is not None:
+      path = "/".join(str(p) for p in mdl.scope.path)
+      records[path] = (mdl.clone(parent=None, use_bias=False), x)
+    get = functools.partial(mdl.get_variable, AQUANT)
+    x_hat = aquant.aquant_quant(x, get("scale"), get("alpha"), get("beta"),
+                                get("qmin"), get("qmax"))
+    return next_fun(x_hat, *args[1:], **kwargs)
+
+  return intercept
+
+
+def capture_layer_inputs(model: nn.Module, variables: Mapping,
+                         images: np.ndarray
+                         ) -> tuple[dict[Path, jax.Array], dict[Path, Any]]:
+  """(raw input, bias-free layer copy) of every AQuant layer, in one pass
+  of the network with the current borders."""
+  layers = {}
+
+  def run(v, x):
+    records = {}
+    with nn.intercept_methods(aquant_interceptor(records)):
+      model.apply(v, x, train=False)
+    layers.update({p: layer for p, (layer, _) in records.items()})
+    return {p: inp for p, (_, inp) in records.items()}
+
+  inputs = jax.jit(run)(variables, images)
+  return inputs, layers
+
+
+def learn_borders(model: nn.Module, variables: Mapping, images: np.ndarray,
+                  borders: Mapping[Path, dict], folded: Mapping,
+                  terms: Mapping[Path, Terms],
+                  ptq: ml_collections.ConfigDict) -> dict[Path, dict]:
+  """`aquant.learn_border` per layer on its captured calibration inputs."""
+  inputs, layers = capture_layer_inputs(model, variables, images)
+  kernels = _kernels(folded["params"])
+  out = {}
+  for path, b in borders.items():
+    w = kernels[path]
+    w_hat = sum(terms[path]) if path in terms else w
+    layer = layers[path]
+    alpha, beta = aquant.learn_border(
+        inputs[path], w, w_hat, b["scale"],
+        lambda x, k, layer=layer: layer.apply({"params": {"kernel": k}}, x),
+        ptq.border_steps, ptq.border_lr, qmin=float(b["qmin"]),
+        qmax=float(b["qmax"]))
+    out[path] = {**b, "alpha": alpha, "beta": beta}
+    logging.info("aquant border of %s learned", path)
+  return out
+
+
+def aquant_members(config: ml_collections.ConfigDict, num_classes: int,
+                   spec: ModelQuant, calibrated: Mapping, folded: Mapping,
+                   terms: Mapping[Path, Terms], images: Sequence[np.ndarray]
+                   ) -> tuple[nn.Module, list[dict]]:
+  """The float-input model the interceptor quantizes, and its variables."""
+  ptq = config.ptq
+  model = _create_model(config, num_classes,
+                        ptq_model_quant(spec, ptq.ema_decay, True))
+  borders = initial_borders(spec, calibrated.get(STATS, {}), folded, terms)
+  base = {"params": calibrated["params"],
+          "batch_stats": calibrated["batch_stats"]}
+  if ptq.learn_border and borders:
+    x = np.concatenate(images)[:ptq.border_examples]
+    borders = learn_borders(model, {**base, AQUANT: _nest(borders)}, x,
+                            borders, folded, terms, ptq)
+  return model, [{**base, AQUANT: _nest(borders)}]
+
+
+# ---------------------------------------------------------------------------
+# Evaluation, cost, the pipeline.
+# ---------------------------------------------------------------------------
+
+def _eval_step(model: nn.Module, interceptor: Callable | None,
+               num_classes: int) -> Callable:
+  """Jitted (members, batch) -> masked sums, as `train.evaluate` wants; the
+  logits are summed over the members."""
+  def step(members, batch):
+    ctx = (nn.intercept_methods(interceptor) if interceptor
+           else contextlib.nullcontext())
+    with ctx:
+      logits = sum(model.apply(v, batch["image"], train=False)
+                   for v in members)
+    mask = batch["mask"]
+    loss = train.cross_entropy(logits, batch["label"], num_classes, 0.0)
+    correct = jnp.argmax(logits, -1) == batch["label"]
+    return {"loss_sum": jnp.sum(loss * mask),
+            "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
+
+  return jax.jit(step)
+
+
+def ptq_cost(config: ml_collections.ConfigDict, num_classes: int,
+             image_shape: Sequence[int], spec: ModelQuant,
+             terms: Mapping[Path, Terms]) -> tuple[dict, float]:
+  """(cost dict as training's, stored weight bits) of the PTQ network."""
+  ptq = config.ptq
+  factor = (rex.rex_bops_factor(ptq.order, ptq.sparsity)
+            if ptq.method == "rex" else 1.0)
+  multipliers = {f"^{re.escape(p)}$": factor for p in terms}
+  cost = cost_lib.model_cost(_create_model(config, num_classes, spec),
+                             tuple(image_shape), multipliers=multipliers,
+                             train=False)
+  region_bit = ptq.method == "pwlq"
+  stored = sum(
+      l.memory_bits * l.bops_multiplier
+      * ((l.weight_bits + 1) / l.weight_bits if region_bit and l.path in terms
+         else 1.0)
+      for l in {l.path: l for l in cost.layers}.values())
+  return cost.as_dict(), stored
+
+
+def run_ptq(config: ml_collections.ConfigDict, checkpoint_dir: str | None,
+            workdir: str) -> dict:
+  """Quantizes a float checkpoint after training, evaluates, writes and
+  returns ``workdir/result.json`` (module docstring).
+
+  Args:
+    config: a training config (model, dataset, ``quant`` bits) with the PTQ
+      fields; missing ones take `ptq_defaults`.
+    checkpoint_dir: workdir of the float training run (holding
+      ``checkpoints/``); None reads ``config.init_from``.
+    workdir: where result.json goes.
+  """
+  t_start = time.time()
+  config = with_ptq_defaults(config)
+  spec = validate_ptq_config(config)
+  checkpoint_dir = checkpoint_dir or config.init_from
+  if not checkpoint_dir:
+    raise ValueError("no float checkpoint: pass checkpoint_dir (CLI "
+                     "--checkpoint) or set config.init_from")
+  ptq = config.ptq
+  info = data_lib.get_info(config.dataset, config.data_dir)
+  model = _create_model(config, info.num_classes,
+                        ptq_model_quant(spec, ptq.ema_decay))
+  shapes = jax.eval_shape(
+      functools.partial(model.init, train=False), jax.random.key(0),
+      jax.ShapeDtypeStruct((1, *info.image_shape), jnp.float32))
+  float_vars = train.load_float_variables(checkpoint_dir)
+  check_checkpoint(shapes, float_vars, checkpoint_dir,
+                   f"model={config.model!r}, width={config.width!r}")
+  data_lib.ensure_prepared(config.dataset, config.data_dir)
+
+  t_ptq = time.time()
+  folded = bn_fold.fold_batch_norm(float_vars, model.bn_epsilon)
+  terms = quantize_params(folded["params"], spec, ptq)
+  members = member_variables(folded, terms, ptq.execution == "ensemble")
+  images = calibration_images(config)
+  if STATS in shapes:
+    init_stats = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                              shapes[STATS])
+    members = calibrate(model, members, init_stats, images, ptq.calibration)
+  eval_model, interceptor = model, None
+  if ptq.method == "aquant":
+    eval_model, members = aquant_members(config, info.num_classes, spec,
+                                         members[0], folded, terms, images)
+    interceptor = aquant_interceptor()
+  ptq_time = time.time() - t_ptq
+  logging.info("PTQ %s (%s) done in %.1f s; evaluating", ptq.method,
+               config.quant, ptq_time)
+
+  result = train.evaluate(members, _eval_step(eval_model, interceptor,
+                                              info.num_classes),
+                          config, lambda batch: batch)
+  cost, stored_bits = ptq_cost(config, info.num_classes, info.image_shape,
+                               spec, terms)
+  result.update(
+      steps=0, method=ptq.method, ptq=_method_options(config),
+      ptq_time_s=round(ptq_time, 2),
+      wall_time_s=round(time.time() - t_start, 2),
+      checkpoint=checkpoint_dir, weight_mse=weight_mse(folded["params"],
+                                                       terms),
+      stored_weight_bits=stored_bits, config=config.to_dict(), cost=cost,
+      devices=jax.device_count(), platform=jax.devices()[0].platform)
+  result.update({k: cost[k] for k in ("macs", "bops", "weight_bits")})
+  if jax.process_index() == 0:
+    train.write_json_atomic(os.path.join(workdir, "result.json"), result)
+  logging.info("PTQ %s %s: eval accuracy %.4f", ptq.method, config.quant,
+               result["eval_accuracy"])
+  return result
+
+
+def ptq_runner(method: str, **options: Any) -> Runner:
+  """A sweep runner ``(config, workdir) -> result`` for one PTQ method.
+
+  It sets ``config.ptq.method = method`` and ``config.ptq.<k> = v`` for the
+  `options`, and quantizes the float checkpoint in ``config.init_from``
+  (which must match the config's model and width).
+  """
+  _check_choice("ptq.method", method, METHODS)
+
+  def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    c = with_ptq_defaults(config)
+    c.ptq.method = method
+    for key, value in options.items():
+      c.ptq[key] = value
+    return run_ptq(c, None, workdir)
+
+  return run
+
+
+__all__ = ["METHODS", "CheckpointMismatchError", "ptq_defaults",
+           "with_ptq_defaults", "validate_ptq_config", "run_ptq",
+           "ptq_runner", "quantize_kernel", "quantize_params",
+           "member_variables"]

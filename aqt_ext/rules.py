@@ -1,0 +1,435 @@
+"""Quantize an ordinary Flax (linen) model by regex rules on module paths.
+
+``quantize_model(module, rules)`` wraps a model written with plain
+``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Conv`` (it need not know this
+package) into a `QuantizedModel` that behaves like it, with every matched
+layer quantized: fake quant with straight-through gradients for QAT, or
+integer operands with int32 accumulation for inference
+(``LayerQuant.execution='int'``).
+
+Rules. A sequence of ``(regex, LayerQuant)`` or a `ModelQuant`. Each regex
+is ``re.search``-ed against the module path relative to the wrapped model
+(``'/'``-joined names, e.g. ``'Dense_0'``, ``'encoder/attn/query'``); the
+first match wins; a layer no rule matches gets the ModelQuant's ``default``
+(float for a plain sequence). An invalid regex is refused when the rules are
+built. A layer whose LayerQuant is entirely float runs its own code,
+untouched.
+
+Parameters. The wrapper adds no level to the variable tree and every layer
+keeps its own parameter names and shapes, so a float checkpoint loads as is.
+Quantizers that learn add parameters next to ``kernel`` (``input_lsq_step``,
+``kernel_lsq_step``, ``input_pact_alpha``, ...); static ranges go to the
+``quant_stats`` collection (see `aqt_ext.layers`). Create the missing ones
+from a float checkpoint with ``model.apply(float_vars, x, mutable=True,
+rngs={'params': key})`` (as `aqt_ext.train.initial_variables` does).
+
+Mechanism. The wrapper shares its scope with the wrapped module
+(``nn.share_scope``) and runs it under ``nn.intercept_methods``. A matched
+layer's ``__call__`` is replaced, in that layer's own scope (so it reads and
+creates that layer's variables):
+
+* ``nn.Dense`` -> the equivalent `QuantDense` (same fields, the rule's
+  LayerQuant), bound to the Dense's scope;
+* ``nn.Conv`` -> the equivalent `QuantConv`, likewise; paddings other than
+  ``'SAME'``, ``'VALID'``, ints and ``(lo, hi)`` pairs are refused;
+* ``nn.DenseGeneral`` -> a clone of the layer, bound to the same scope, whose
+  ``dot_general`` is a `QuantDotGeneral`: the layer's own code creates and
+  shapes its parameters, promotes dtypes and adds the bias; only the
+  contraction is quantized. Kernel scales are per output feature (all
+  non-contracting kernel axes) for ``per_channel``; ``per_group`` splits the
+  last contracting axis; ``per_group`` does not run with integer execution.
+
+Not quantizable: ``nn.Einsum`` (its contraction is a ``jnp.einsum`` that
+offers no hook, and no quantized equivalent exists in `aqt_ext.layers`),
+``nn.ConvTranspose``, ``nn.ConvLocal``, ``nn.Embed``, norms, and any custom
+layer. A rule matching such a module, when the module owns variables, warns
+and leaves it float; a rule matching a subclass of a supported layer that
+overrides ``__call__``, or a supported layer with a setting the quantized
+computation cannot mirror (``mask``, a custom ``dot_general`` /
+``conv_general_dilated`` / ``promote_dtype``, circular padding), raises.
+Rules matching only containers select nothing: `QuantizedModel.report`
+lists them as unused. The attention products inside
+``nn.MultiHeadDotProductAttention`` (query x key, weights x value) stay
+float; its ``query`` / ``key`` / ``value`` / ``out`` projections are
+``DenseGeneral`` layers and are quantized.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import warnings
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from aqt_ext import quantizers as qz
+from aqt_ext.config import LayerQuant, ModelQuant
+from aqt_ext.layers import QuantConv, QuantDense, Quantized, quant_operand
+
+Rules = ModelQuant | Sequence[tuple[str, LayerQuant]]
+
+# Supported layer types and the fields whose non-default values the quantized
+# computation cannot mirror.
+SUPPORTED: dict[type, tuple[str, ...]] = {
+    nn.Dense: ("promote_dtype", "dot_general", "dot_general_cls"),
+    nn.DenseGeneral: ("promote_dtype", "dot_general", "dot_general_cls"),
+    nn.Conv: ("mask", "promote_dtype", "conv_general_dilated",
+              "conv_general_dilated_cls"),
+}
+CONV_PADDINGS = ("SAME", "VALID")
+
+
+def as_model_quant(rules: Rules) -> ModelQuant:
+  """A `ModelQuant` from rules; a sequence gets a float default.
+
+  Regexes are compiled here, so an invalid one is refused at once.
+  """
+  if isinstance(rules, ModelQuant):
+    return rules
+  if isinstance(rules, (str, bytes, LayerQuant)) or not isinstance(
+      rules, Sequence):
+    raise TypeError("quantize_model rules must be a ModelQuant or a sequence "
+                    f"of (regex, LayerQuant), got {type(rules).__name__}")
+  return ModelQuant(rules=tuple(rules))
+
+
+def is_float(lq: LayerQuant) -> bool:
+  """True when neither operand of the layer is quantized or rounded."""
+  return lq.weight.method == "float" and lq.input.method == "float"
+
+
+# ---------------------------------------------------------------------------
+# The quantized contraction of DenseGeneral.
+# ---------------------------------------------------------------------------
+
+def _scale_to_output(scale: jax.Array, contracting: Sequence[int],
+                     batch: Sequence[int], other_free: int, lhs: bool
+                     ) -> jax.Array:
+  """An operand's keepdims scale, laid out like the dot_general output.
+
+  The output axes are (batch..., lhs free..., rhs free...); the scale's
+  contracting axes have size 1 and are dropped, the other operand's free
+  axes become size-1 axes.
+  """
+  if scale.size == 1:
+    return scale.reshape(())
+  free = [a for a in range(scale.ndim) if a not in contracting
+          and a not in batch]
+  t = jnp.transpose(scale, tuple(batch) + tuple(free) + tuple(contracting))
+  b = tuple(scale.shape[a] for a in batch)
+  f = tuple(scale.shape[a] for a in free)
+  ones = (1,) * other_free
+  return t.reshape(b + f + ones if lhs else b + ones + f)
+
+
+def int_dot_general(x_q: Quantized, w_q: Quantized, dimension_numbers,
+                    out_dtype) -> jax.Array:
+  """Integer dot_general: int32 accumulation, then * s_x * s_w (AQT order).
+
+  Operands as `quant_operand(..., want_int=True)` gives them, not grouped.
+  """
+  if x_q.grouped or w_q.grouped:
+    raise ValueError("TensorQuant.granularity='per_group' cannot run with "
+                     "LayerQuant.execution='int' in nn.DenseGeneral; "
+                     "allowed: 'per_tensor', 'per_channel'")
+  (lc, rc), (lb, rb) = dimension_numbers
+  xi, wi = x_q.ints, w_q.ints
+  if xi.dtype != wi.dtype:
+    xi, wi = xi.astype(jnp.int16), wi.astype(jnp.int16)
+  acc = lax.dot_general(xi, wi, dimension_numbers,
+                        preferred_element_type=jnp.int32)
+  n_lhs_free = xi.ndim - len(lc) - len(lb)
+  n_rhs_free = wi.ndim - len(rc) - len(rb)
+  sx = _scale_to_output(x_q.qp.scale, lc, lb, n_rhs_free, lhs=True)
+  sw = _scale_to_output(w_q.qp.scale, rc, rb, n_lhs_free, lhs=False)
+  return acc.astype(out_dtype) * sx.astype(out_dtype) * sw.astype(out_dtype)
+
+
+def dot_general_axes(dimension_numbers) -> tuple[qz.OperandAxes,
+                                                 qz.OperandAxes]:
+  """Operand axes of (input, kernel); the feature axis is the last
+  contracting one."""
+  (lc, rc), _ = dimension_numbers
+  return (qz.OperandAxes(tuple(lc), lc[-1]), qz.OperandAxes(tuple(rc), rc[-1]))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantDotGeneral:
+  """A ``dot_general`` that quantizes both operands by `quant`.
+
+  Injected into a clone of an ``nn.DenseGeneral``; quantizer state is
+  created on `module`, the layer being called (same scope as the clone).
+  """
+
+  module: nn.Module
+  quant: LayerQuant
+
+  def __call__(self, lhs: jax.Array, rhs: jax.Array, dimension_numbers,
+               precision: Any = None, preferred_element_type: Any = None
+               ) -> jax.Array:
+    want_int = self.quant.execution == "int"
+    x_axes, w_axes = dot_general_axes(dimension_numbers)
+    x_q = quant_operand(self.module, "input", lhs, self.quant.input, x_axes,
+                        is_weight=False, want_int=want_int)
+    w_q = quant_operand(self.module, "kernel", rhs, self.quant.weight, w_axes,
+                        is_weight=True, want_int=want_int)
+    if want_int:
+      return int_dot_general(x_q, w_q, dimension_numbers, lhs.dtype)
+    return lax.dot_general(x_q.fake, w_q.fake, dimension_numbers,
+                           precision=precision,
+                           preferred_element_type=preferred_element_type)
+
+
+# ---------------------------------------------------------------------------
+# Replacing one layer's call.
+# ---------------------------------------------------------------------------
+
+def layer_type(mdl: nn.Module) -> tuple[type | None, bool]:
+  """(the supported type `mdl` is or None, whether it overrides
+  ``__call__``)."""
+  for base in SUPPORTED:
+    if isinstance(mdl, base):
+      return base, type(mdl).__call__ is not base.__call__
+  return None, False
+
+
+def _check_fields(mdl: nn.Module, base: type, path: str) -> None:
+  """Refuses settings that the quantized computation does not mirror."""
+  defaults = {f.name: f.default for f in dataclasses.fields(type(mdl))}
+  for name in SUPPORTED[base]:
+    if getattr(mdl, name) is not defaults[name]:
+      raise ValueError(
+          f"quantize_model: {path!r} (nn.{base.__name__}) sets {name}="
+          f"{getattr(mdl, name)!r}, which cannot be quantized; allowed: "
+          f"{defaults[name]!r}")
+  if base is nn.Conv and isinstance(mdl.padding, str) and (
+      mdl.padding not in CONV_PADDINGS):
+    raise ValueError(
+        f"quantize_model: {path!r} nn.Conv.padding={mdl.padding!r} cannot be "
+        f"quantized; allowed: {', '.join(map(repr, CONV_PADDINGS))}, int or "
+        "(lo, hi) pairs")
+
+
+def _equivalent(mdl: nn.Module, cls: type, lq: LayerQuant) -> nn.Module:
+  """A `cls` (QuantDense / QuantConv) with `mdl`'s fields, bound to its
+  scope."""
+  kw = {f.name: getattr(mdl, f.name) for f in dataclasses.fields(cls)
+        if f.init and f.name not in ("quant", "parent", "name")}
+  return cls(**kw, quant=lq, parent=mdl.scope)
+
+
+def quantized_call(mdl: nn.Module, base: type, lq: LayerQuant, path: str,
+                   *args, **kwargs):
+  """Runs layer `mdl` (a `base`) quantized by `lq`, in its own scope."""
+  _check_fields(mdl, base, path)
+  if base is nn.Dense:
+    return _equivalent(mdl, QuantDense, lq)(*args, **kwargs)
+  if base is nn.Conv:
+    return _equivalent(mdl, QuantConv, lq)(*args, **kwargs)
+  clone = mdl.clone(parent=mdl.scope, dot_general=QuantDotGeneral(mdl, lq))
+  return clone(*args, **kwargs)
+
+
+def _owns_variables(mdl: nn.Module) -> bool:
+  """Whether `mdl` holds variables itself (not only in submodules)."""
+  return any(not isinstance(v, Mapping) for col in mdl.variables.values()
+             for v in col.values())
+
+
+# ---------------------------------------------------------------------------
+# The interceptor and its record.
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LayerMatch:
+  """How one supported layer was configured.
+
+  Attributes:
+    layer: the layer type, e.g. ``'Dense'``.
+    rule: index of the rule that matched, None where the default applied.
+    pattern: that rule's regex (None for the default).
+    quant: the LayerQuant it got.
+  """
+
+  layer: str
+  rule: int | None
+  pattern: str | None
+  quant: LayerQuant
+
+
+@dataclasses.dataclass(frozen=True)
+class RulesReport:
+  """What the rules did on one trace of the model.
+
+  Attributes:
+    layers: path -> `LayerMatch`, for every supported layer called.
+    unused: the regexes of rules that selected no supported layer.
+    not_quantizable: path -> type name, for modules owning variables that a
+      rule matched but that cannot be quantized (left float).
+  """
+
+  layers: dict[str, LayerMatch]
+  unused: tuple[str, ...]
+  not_quantizable: dict[str, str]
+
+  @property
+  def quantized(self) -> tuple[str, ...]:
+    """Paths of the layers that run quantized."""
+    return tuple(p for p, m in self.layers.items() if not is_float(m.quant))
+
+
+@dataclasses.dataclass
+class _Record:
+  """What one trace saw: supported layers, unquantizable matches."""
+
+  layers: dict[str, LayerMatch] = dataclasses.field(default_factory=dict)
+  # path -> (type name, index of the rule that matched it)
+  not_quantizable: dict[str, tuple[str, int]] = dataclasses.field(
+      default_factory=dict)
+
+  def report(self, quant: ModelQuant) -> RulesReport:
+    used = {m.rule for m in self.layers.values()}
+    unused = tuple(p for i, (p, _) in enumerate(quant.rules) if i not in used)
+    return RulesReport(dict(self.layers), unused,
+                       {p: t for p, (t, _) in self.not_quantizable.items()})
+
+  def warn(self, quant: ModelQuant) -> None:
+    """One warning per rule that matched modules it cannot quantize."""
+    by_rule: dict[int, list[str]] = {}
+    for path, (name, rule) in self.not_quantizable.items():
+      by_rule.setdefault(rule, []).append(f"{path!r} ({name})")
+    for rule, found in sorted(by_rule.items()):
+      warnings.warn(
+          f"quantize_model: rule {rule} ({quant.rules[rule][0]!r}) matches "
+          f"{', '.join(found)}, which cannot be quantized (supported: "
+          f"{', '.join('nn.' + b.__name__ for b in SUPPORTED)}); they stay "
+          "float", stacklevel=2)
+
+
+class _Rewriter:
+  """Method interceptor replacing matched layers' ``__call__``."""
+
+  def __init__(self, quant: ModelQuant, prefix: tuple[str, ...]):
+    self.quant = quant
+    self.patterns = [re.compile(p) for p, _ in quant.rules]
+    self.prefix = tuple(prefix)
+    self.record = _Record()
+
+  def _relative_path(self, mdl: nn.Module) -> str | None:
+    path = tuple(str(p) for p in mdl.scope.path)
+    if path[:len(self.prefix)] != self.prefix:
+      return None
+    return "/".join(path[len(self.prefix):])
+
+  def _match(self, path: str) -> tuple[int | None, LayerQuant]:
+    for i, pattern in enumerate(self.patterns):
+      if pattern.search(path):
+        return i, self.quant.rules[i][1]
+    return None, self.quant.default
+
+  def __call__(self, next_fun, args, kwargs, context):
+    mdl = context.module
+    if (context.method_name != "__call__"
+        or isinstance(mdl, (QuantDense, QuantConv))
+        or isinstance(getattr(mdl, "dot_general", None), QuantDotGeneral)):
+      return next_fun(*args, **kwargs)
+    path = self._relative_path(mdl)
+    if path is None:
+      return next_fun(*args, **kwargs)
+    rule, lq = self._match(path)
+    base, custom = layer_type(mdl)
+    asked = rule is not None and not is_float(lq)
+    if base is None or custom:
+      if custom and asked:
+        raise TypeError(
+            f"quantize_model: rule {rule} ({self.quant.rules[rule][0]!r}) "
+            f"matches {path!r}, a {type(mdl).__name__} (subclass of "
+            f"nn.{base.__name__}) with its own __call__, which cannot be "
+            "quantized faithfully; narrow the regex or put a float rule for "
+            "it first")
+      out = next_fun(*args, **kwargs)
+      if asked and _owns_variables(mdl):
+        self.record.not_quantizable[path] = (type(mdl).__name__, rule)
+      return out
+    pattern = None if rule is None else self.quant.rules[rule][0]
+    self.record.layers[path] = LayerMatch(base.__name__, rule, pattern, lq)
+    if is_float(lq):
+      return next_fun(*args, **kwargs)
+    return quantized_call(mdl, base, lq, path, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# The wrapper.
+# ---------------------------------------------------------------------------
+
+class QuantizedModel(nn.Module):
+  """`module` with the layers its `quant` rules match quantized.
+
+  Call it as the original (same arguments, same variable tree); see the
+  module docstring.
+
+  Attributes:
+    module: the float model (any linen Module).
+    quant: the rules, as a `ModelQuant`.
+  """
+
+  module: nn.Module
+  quant: ModelQuant
+
+  def setup(self):
+    nn.share_scope(self, self.module)
+
+  def __call__(self, *args, **kwargs):
+    rewriter = _Rewriter(self.quant, self.scope.path)
+    with nn.intercept_methods(rewriter):
+      out = self.module(*args, **kwargs)
+    rewriter.record.warn(self.quant)
+    return out
+
+  def report(self, variables: Mapping[str, Any] | None, *args, **kwargs
+             ) -> RulesReport:
+    """Traces the model once (abstractly) and reports what the rules did.
+
+    `variables` may be a float checkpoint or None (missing variables are
+    created abstractly); `args` / `kwargs` are example call arguments.
+    """
+    rewriter = _Rewriter(self.quant, ())
+    fn = functools.partial(self.module.apply, mutable=True,
+                           rngs={"params": jax.random.PRNGKey(0)}, **kwargs)
+    with nn.intercept_methods(rewriter):
+      jax.eval_shape(fn, dict(variables or {}), *args)
+    return rewriter.record.report(self.quant)
+
+  def unused_rules(self, variables: Mapping[str, Any] | None, *args,
+                   **kwargs) -> tuple[str, ...]:
+    """The regexes that select no supported layer (see `report`)."""
+    return self.report(variables, *args, **kwargs).unused
+
+
+def quantize_model(module: nn.Module, rules: Rules) -> QuantizedModel:
+  """Wraps `module` so that the layers `rules` match run quantized.
+
+  Args:
+    module: an unbound linen Module built from ``nn.Dense``,
+      ``nn.DenseGeneral``, ``nn.Conv`` and anything else.
+    rules: a sequence of ``(regex, LayerQuant)`` (first match wins, unmatched
+      layers stay float) or a `ModelQuant` (its default applies to unmatched
+      layers).
+
+  Returns:
+    A `QuantizedModel`: ``init`` / ``apply`` as the original's.
+  """
+  if not isinstance(module, nn.Module):
+    raise TypeError(f"quantize_model module must be a flax.linen Module, got "
+                    f"{type(module).__name__}")
+  return QuantizedModel(module=module, quant=as_model_quant(rules))
+
+
+__all__ = ["QuantizedModel", "QuantDotGeneral", "RulesReport", "LayerMatch",
+           "SUPPORTED", "as_model_quant", "int_dot_general", "is_float",
+           "layer_type", "quantize_model"]

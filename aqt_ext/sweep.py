@@ -1,0 +1,680 @@
+"""Pareto sweeps: train every (model size, bit width, method, seed) point.
+
+After "Pareto-Optimal Quantized ResNet Is Mostly 4-bit": for a compute budget,
+which bit width and model size give the best accuracy? A sweep config
+(``configs/sweep_*.py``, `get_config()`) has
+
+* ``base``: a training config (``configs/base.py`` fields);
+* axes ``models`` ((name, width) pairs), ``quants`` ('float', 'bf16' or W/A
+  pairs such as 'w8a8', 'w4a4', 'w4a8'), ``first_last`` (None, or the bits of
+  the first and last layer: 8 appends '_fl8' to the spec), ``methods`` (keys of
+  `METHODS`: the QAT quantizers 'uniform', 'lsq', 'pact', 'dq', ...) and
+  ``seeds``.
+
+The points are the cartesian product (an unquantized point ignores method and
+first/last, so it appears once per model and seed). Each has a stable id, a
+readable slug plus a hash of its axes (``cifar_resnet8-x0.5-lsq-w4a4_fl8-s0-
+1a2b3c4d``), and its own workdir. Each method names a runner kind; `RUNNERS`
+maps kinds to functions ``(training config, workdir) -> result``. QAT is
+`train.train_and_evaluate`; a PTQ runner plugs in as ``RUNNERS['ptq']`` with
+its methods in `METHODS`.
+
+Layout of ``--workdir=DIR``::
+
+  DIR/results.jsonl        one JSON line per finished (or failed) point
+  DIR/points/<id>/         the point's training workdir: checkpoints,
+                           result.json, log.txt (worker output), lock
+  DIR/sweep_config.json    the sweep config of the first run (a rerun with
+                           another ``base`` is refused)
+  DIR/jax_cache/           persistent XLA compilation cache, shared by points
+  DIR/summary.md, DIR/frontier.csv, DIR/pareto.png   the analysis (pareto.py)
+
+CLI::
+
+  python -m aqt_ext.sweep --config=configs/sweep_quick.py --workdir=DIR \\
+      [--parallel=N] [--config.base.num_epochs=2 ...]
+  python -m aqt_ext.sweep --workdir=DIR --analyze_only
+  python -m aqt_ext.sweep --config=... --workdir=DIR --point_index=I
+
+The first form runs all unfinished points in N worker processes (default: the
+CPU count on CPU, one per GPU on GPUs, each pinned to its GPU), then writes the
+analysis. Each worker is the third form, run as a subprocess with the same
+``--config`` flags (pass overrides as ``--config.field=value``), its output in
+the point's log.txt. ``--analyze_only`` redraws the analysis from
+results.jsonl. ``--point_index=I`` runs point I alone (one SLURM array task).
+
+Kill-and-rerun safety. Rerunning the same command continues the sweep:
+
+* A point is finished iff its result.json exists and its latest line in
+  results.jsonl has status ok; finished points are skipped. Interrupted points
+  resume from their latest checkpoint (same workdir). Failed points (a line
+  with status 'failed' and the error) are retried; the others go on.
+* A worker holds an exclusive lock (fcntl.flock) on its point's lock file from
+  the finished check to its line, so one point never runs twice at once, even
+  with a worker orphaned by a killed driver still running, or concurrent
+  SLURM tasks. Under that lock a result.json without its line (a kill between
+  the two writes) gets its line appended instead of training again.
+* Lines are appended under an exclusive flock of results.jsonl, one
+  ``os.write`` of the whole line, then fsync; readers take a shared lock. A
+  line cut by a crash is reported and skipped by readers, and the next append
+  starts on a new line.
+* The analysis files are written atomically (temp file + os.replace).
+
+Beyond one machine (SLURM; the cluster file system must support flock)::
+
+  python scripts/slurm_sweep.py --config=configs/sweep_fashion_mnist.py \\
+      --workdir=/shared/sweep --sbatch=time=04:00:00 --sbatch=gres=gpu:1 \\
+      > sweep.sbatch
+  sbatch sweep.sbatch  # array task i: python -m aqt_ext.sweep ... --point_index=i
+  python -m aqt_ext.sweep --workdir=/shared/sweep --analyze_only  # when done
+
+Array tasks share the results layout above; a requeued or resubmitted task
+resumes its point, a finished one exits at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import itertools
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import ml_collections
+
+from aqt_ext import pareto
+from aqt_ext.config import MAX_BITS, MIN_BITS, QUANT_METHODS, parse_spec
+
+RESULTS_FILE = "results.jsonl"
+POINTS_DIR = "points"
+SWEEP_CONFIG_FILE = "sweep_config.json"
+JAX_CACHE_DIR = "jax_cache"
+EXIT_POINT_FAILED = 3  # a worker's exit status after recording a failure
+UNQUANTIZED = ("float", "bf16")
+_WA_RE = re.compile(r"^w(\d+|f)a(\d+|f)$")
+
+
+# ---------------------------------------------------------------------------
+# Methods and runners.
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A value of the ``methods`` axis.
+
+  Attributes:
+    kind: key of `RUNNERS` that runs the method's points.
+    quant_prefix: method prefix of the quant spec (None: no prefix).
+  """
+
+  kind: str
+  quant_prefix: str | None
+
+
+def run_qat(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Quantization-aware training: `train.train_and_evaluate`."""
+  from aqt_ext import train  # pylint: disable=g-import-not-at-top
+  return train.train_and_evaluate(config, workdir)
+
+
+Runner = Callable[[ml_collections.ConfigDict, str], dict]
+# A runner trains and/or quantizes, evaluates, writes workdir/result.json
+# atomically (keys as train.train_and_evaluate's) and returns that result.
+RUNNERS: dict[str, Runner] = {"qat": run_qat}
+METHODS: dict[str, Method] = {
+    m: Method("qat", None if m == "uniform" else m) for m in QUANT_METHODS}
+
+
+# ---------------------------------------------------------------------------
+# Points.
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+  """One training run of a sweep: its axis values."""
+
+  model: str
+  width: float
+  quant: str
+  first_last: int | None
+  method: str | None  # None for an unquantized quant
+  seed: int
+
+  @property
+  def spec(self) -> str:
+    """The quant spec (`config.parse_spec`), e.g. ``lsq:w4a4_fl8``."""
+    if self.quant in UNQUANTIZED:
+      return self.quant
+    prefix = METHODS[self.method].quant_prefix
+    fl = f"_fl{self.first_last}" if self.first_last is not None else ""
+    return (f"{prefix}:" if prefix else "") + self.quant + fl
+
+  @property
+  def kind(self) -> str:
+    """The runner kind (a key of `RUNNERS`)."""
+    return "qat" if self.method is None else METHODS[self.method].kind
+
+  @property
+  def axes(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @property
+  def id(self) -> str:
+    """Readable slug plus a hash of the axes; stable across runs."""
+    digest = hashlib.sha1(json.dumps(self.axes, sort_keys=True).encode())
+    slug = f"{self.model}-x{self.width:g}-{self.spec}-s{self.seed}"
+    return re.sub(r"[^A-Za-z0-9._-]", "-", slug) + "-" + digest.hexdigest()[:8]
+
+  def config(self, base: ml_collections.ConfigDict
+             ) -> ml_collections.ConfigDict:
+    """The training config: `base` with this point's values."""
+    c = base.copy_and_resolve_references()
+    c.model, c.width, c.quant, c.seed = (self.model, self.width, self.spec,
+                                         self.seed)
+    return c
+
+
+def _field_error(field: str, value: Any, allowed: str) -> ValueError:
+  return ValueError(f"config.{field}={value!r} is not allowed; allowed: "
+                    f"{allowed}")
+
+
+def _check_axes(sweep: ml_collections.ConfigDict) -> None:
+  """Checks every axis value, naming the field and the allowed values."""
+  from aqt_ext import models  # pylint: disable=g-import-not-at-top
+  for axis in ("models", "quants", "first_last", "methods", "seeds"):
+    if axis not in sweep or not sweep[axis]:
+      raise ValueError(f"config.{axis} must be a non-empty list")
+  for i, entry in enumerate(sweep.models):
+    if (not isinstance(entry, (tuple, list)) or len(entry) != 2
+        or entry[0] not in models.MODELS
+        or isinstance(entry[1], bool)
+        or not isinstance(entry[1], (int, float)) or not entry[1] > 0):
+      raise _field_error(f"models[{i}]", entry, "(name, width) with name in "
+                         f"{', '.join(map(repr, models.MODELS))} and width > 0")
+  for i, q in enumerate(sweep.quants):
+    if q not in UNQUANTIZED and not (isinstance(q, str)
+                                     and _WA_RE.match(q)):
+      raise _field_error(f"quants[{i}]", q, "'float', 'bf16' or 'wWaA' with W,"
+                         f" A in {MIN_BITS}..{MAX_BITS} or 'f' (the method "
+                         "goes in config.methods, first/last bits in "
+                         "config.first_last)")
+  for i, fl in enumerate(sweep.first_last):
+    if fl is not None and (isinstance(fl, bool) or fl not in range(
+        MIN_BITS, MAX_BITS + 1)):
+      raise _field_error(f"first_last[{i}]", fl,
+                         f"None or an int in {MIN_BITS}..{MAX_BITS}")
+  for i, m in enumerate(sweep.methods):
+    if m not in METHODS:
+      raise _field_error(f"methods[{i}]", m, ", ".join(map(repr, METHODS)))
+  for i, s in enumerate(sweep.seeds):
+    if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+      raise _field_error(f"seeds[{i}]", s, "an int >= 0")
+
+
+def make_points(sweep: ml_collections.ConfigDict) -> list[Point]:
+  """The validated cartesian product of the axes, duplicates dropped.
+
+  Order: models, quants, first_last, methods, seeds (seeds vary fastest); a
+  point's index in this list is its ``--point_index``.
+  """
+  _check_axes(sweep)
+  points: dict[str, Point] = {}
+  for (model, width), quant, fl, method, seed in itertools.product(
+      sweep.models, sweep.quants, sweep.first_last, sweep.methods,
+      sweep.seeds):
+    unquantized = quant in UNQUANTIZED
+    p = Point(model, float(width), quant, None if unquantized else fl,
+              None if unquantized else method, seed)
+    try:
+      parse_spec(p.spec)
+    except ValueError as e:
+      raise ValueError(f"config.quants / config.methods / config.first_last "
+                       f"give the invalid spec {p.spec!r}: {e}") from None
+    points.setdefault(p.id, p)
+  return list(points.values())
+
+
+# ---------------------------------------------------------------------------
+# results.jsonl: locked appends, tolerant reads.
+# ---------------------------------------------------------------------------
+
+def append_record(path: str, record: Mapping[str, Any]) -> None:
+  """Appends `record` as one JSON line: exclusive flock, one write, fsync.
+
+  If the file does not end with a newline (a writer died mid-line), the line
+  starts with one, so only the cut line is lost.
+  """
+  line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
+  fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    size = os.fstat(fd).st_size
+    if size and os.pread(fd, 1, size - 1) != b"\n":
+      line = b"\n" + line
+    written = os.write(fd, line)
+    while written < len(line):  # only on a short write (e.g. a full disk)
+      written += os.write(fd, line[written:])
+    os.fsync(fd)
+  finally:
+    os.close(fd)  # releases the lock
+
+
+def read_results(path: str) -> tuple[list[dict], list[str]]:
+  """All valid lines of results.jsonl (under a shared lock), and a problem
+  message per line that is not valid JSON (e.g. cut by a crash)."""
+  if not os.path.exists(path):
+    return [], []
+  with open(path, "rb") as f:
+    fcntl.flock(f, fcntl.LOCK_SH)
+    data = f.read()
+  records, problems = [], []
+  lines = data.split(b"\n")
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      if not isinstance(record, dict) or "id" not in record:
+        raise ValueError("not a record")
+      records.append(record)
+    except ValueError:
+      where = ("truncated last line" if number == len(lines)
+               else "invalid line")
+      problems.append(f"{path}:{number}: {where} ignored "
+                      f"({len(line)} bytes: {line[:60]!r}...)")
+  return records, problems
+
+
+def latest_records(records: Sequence[Mapping[str, Any]]) -> dict[str, dict]:
+  """The last line of each point id."""
+  return {r["id"]: dict(r) for r in records}
+
+
+def point_workdir(sweep_dir: str, point: Point) -> str:
+  return os.path.join(sweep_dir, POINTS_DIR, point.id)
+
+
+def is_finished(sweep_dir: str, point: Point,
+                latest: Mapping[str, Mapping[str, Any]]) -> bool:
+  """result.json exists and the point's latest line has status ok."""
+  return (latest.get(point.id, {}).get("status") == "ok" and os.path.exists(
+      os.path.join(point_workdir(sweep_dir, point), "result.json")))
+
+
+# ---------------------------------------------------------------------------
+# One point (a worker process).
+# ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def point_lock(workdir: str) -> Iterator[None]:
+  """Holds an exclusive flock on ``workdir/lock`` (waits for its holder)."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "lock"), "a") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      print(f"waiting for another process running {workdir}", flush=True)
+      fcntl.flock(f, fcntl.LOCK_EX)
+    yield
+
+
+def _line(point: Point, status: str, **fields) -> dict:
+  return {**fields, "id": point.id, "axes": point.axes, "spec": point.spec,
+          "status": status, "recorded_at": time.time()}
+
+
+def run_point(point: Point, base: ml_collections.ConfigDict,
+              sweep_dir: str) -> str:
+  """Runs `point` unless finished; appends its line. Returns its status:
+  'skipped' (finished already), 'ok', 'recovered' (result.json found without
+  its line; line appended) or 'failed' (line with the error appended)."""
+  results = os.path.join(sweep_dir, RESULTS_FILE)
+  workdir = point_workdir(sweep_dir, point)
+  with point_lock(workdir):
+    latest = latest_records(read_results(results)[0])
+    if is_finished(sweep_dir, point, latest):
+      return "skipped"
+    result_path = os.path.join(workdir, "result.json")
+    if os.path.exists(result_path):
+      with open(result_path) as f:
+        append_record(results, _line(point, "ok", **json.load(f)))
+      return "recovered"
+    try:
+      result = RUNNERS[point.kind](point.config(base), workdir)
+    except Exception as e:  # pylint: disable=broad-except
+      traceback.print_exc()
+      append_record(results, _line(
+          point, "failed", error=f"{type(e).__name__}: {e}",
+          traceback=traceback.format_exc()))
+      return "failed"
+    append_record(results, _line(point, "ok", **result))
+    return "ok"
+
+
+# ---------------------------------------------------------------------------
+# Sweep config on disk.
+# ---------------------------------------------------------------------------
+
+def _plain(config: ml_collections.ConfigDict) -> dict:
+  """JSON-compatible dict (tuples become lists)."""
+  return json.loads(json.dumps(config.to_dict(), default=str))
+
+
+def check_and_save_config(sweep: ml_collections.ConfigDict,
+                          sweep_dir: str) -> None:
+  """Refuses a ``base`` other than the saved one (finished points would mix
+  training budgets), else saves the sweep config as sweep_config.json."""
+  path = os.path.join(sweep_dir, SWEEP_CONFIG_FILE)
+  current = _plain(sweep)
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f).get("base", {})
+    diff = sorted(k for k in set(saved) | set(current["base"])
+                  if saved.get(k) != current["base"].get(k))
+    if diff:
+      details = "; ".join(f"config.base.{k}: {saved.get(k)!r} saved, "
+                          f"{current['base'].get(k)!r} now" for k in diff)
+      raise ValueError(
+          f"{sweep_dir} holds a sweep with another training config "
+          f"({details}). Use another --workdir, or delete {path} to mix "
+          "them knowingly.")
+  pareto.write_bytes_atomic(path, json.dumps(current, indent=2,
+                                             sort_keys=True).encode())
+
+
+# ---------------------------------------------------------------------------
+# Analysis.
+# ---------------------------------------------------------------------------
+
+def analyze(sweep_dir: str) -> str:
+  """Writes summary.md, frontier.csv, pareto.png from results.jsonl; returns
+  the summary table. Cut or invalid lines are reported on stderr."""
+  path = os.path.join(sweep_dir, RESULTS_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: no point of a sweep in "
+                            f"{sweep_dir} has finished yet")
+  records, problems = read_results(path)
+  for p in problems:
+    print(f"warning: {p}", file=sys.stderr, flush=True)
+  latest = list(latest_records(records).values())
+  ok = [r for r in latest if r["status"] == "ok"]
+  failed = [r for r in latest if r["status"] == "failed"]
+  datasets = sorted({r.get("config", {}).get("dataset", "?") for r in ok})
+  title = f"{', '.join(datasets)}: accuracy vs cost ({len(ok)} points)"
+  return pareto.write_report(pareto.summarize(ok), failed, sweep_dir, title)
+
+
+# ---------------------------------------------------------------------------
+# Local executor.
+# ---------------------------------------------------------------------------
+
+def config_args(argv: Sequence[str]) -> list[str]:
+  """The ``--config`` and ``--config.*`` flags of `argv` as ``--name=value``,
+  the config file path made absolute, to hand the same config to workers."""
+  out, i = [], 0
+  while i < len(argv):
+    name, eq, value = argv[i].partition("=")
+    i += 1
+    if name != "--config" and not name.startswith("--config."):
+      continue
+    if not eq and i < len(argv):
+      value, i = argv[i], i + 1
+    if name == "--config":
+      value = os.path.abspath(value)
+    out.append(f"{name}={value}")
+  return out
+
+
+def probe_devices() -> tuple[str, int]:
+  """(JAX default backend, local device count), probed in a subprocess so
+  that this process never holds an accelerator."""
+  code = "import jax; print(jax.default_backend(), jax.local_device_count())"
+  out = subprocess.run([sys.executable, "-c", code], check=True, text=True,
+                       capture_output=True).stdout.split()
+  return out[-2], int(out[-1])
+
+
+def worker_env(slot: int, parallel: int, backend: str, devices: int
+               ) -> dict[str, str]:
+  """Environment of the worker in `slot`: on GPUs, pinned to one GPU."""
+  env = dict(os.environ)
+  if backend == "gpu":
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(d) for d in range(devices)]
+    env["CUDA_VISIBLE_DEVICES"] = ids[slot % len(ids)]
+    if parallel > len(ids):
+      env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+  return env
+
+
+def _hms(seconds: float) -> str:
+  s = int(round(seconds))
+  h, m = divmod(s // 60, 60)
+  return f"{h}h{m:02d}m{s % 60:02d}s" if h else f"{m}m{s % 60:02d}s"
+
+
+class _Progress:
+  """Prints one line per finished point: done/total, elapsed, ETA."""
+
+  def __init__(self, total: int, done: int):
+    self.total, self.done, self.ran, self.t0 = total, done, 0, time.time()
+
+  def report(self, point: Point, status: str, seconds: float,
+             record: Mapping[str, Any]) -> None:
+    self.done += 1
+    self.ran += 1
+    elapsed = time.time() - self.t0
+    eta = elapsed / self.ran * (self.total - self.done)
+    if status == "ok":
+      what = f"acc {record['eval_accuracy']:.4f}"
+    else:
+      what = (record.get("error") or "no error recorded").splitlines()[0][:120]
+    print(f"[{self.done}/{self.total}] {status:6s} {point.id} {what} "
+          f"({seconds:.0f} s) | elapsed {_hms(elapsed)}, ETA {_hms(eta)}",
+          flush=True)
+
+
+def _tail(path: str, lines: int = 30) -> str:
+  with open(path, errors="replace") as f:
+    return "".join(f.readlines()[-lines:])
+
+
+@dataclasses.dataclass
+class _Worker:
+  index: int
+  slot: int
+  proc: subprocess.Popen
+  log: str
+  started: float
+
+
+def _finish(w: _Worker, point: Point, sweep_dir: str,
+            progress: _Progress) -> bool:
+  """Reports a worker that exited; records a crash no line recorded.
+  Returns whether the point failed."""
+  results = os.path.join(sweep_dir, RESULTS_FILE)
+  rc = w.proc.returncode
+  if rc not in (0, EXIT_POINT_FAILED):  # died before it could record itself
+    how = (f"signal {signal.Signals(-rc).name}" if rc < 0 else f"status {rc}")
+    append_record(results, _line(
+        point, "failed", error=f"worker exited with {how}; log: {w.log}",
+        traceback=_tail(w.log)))
+  record = latest_records(read_results(results)[0]).get(point.id, {})
+  status = record.get("status", "failed")
+  progress.report(point, status, time.time() - w.started, record)
+  return status != "ok"
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+  """SIGTERM -> SystemExit, so that the workers are stopped on the way out."""
+  del frame
+  raise SystemExit(128 + signum)
+
+
+def run_local(sweep: ml_collections.ConfigDict, sweep_dir: str,
+              worker_args: Sequence[str], parallel: int | None) -> int:
+  """Runs the unfinished points in `parallel` worker processes, each
+  ``python -m aqt_ext.sweep <worker_args> --point_index=I``. Returns the
+  number of points that failed."""
+  points = make_points(sweep)
+  latest = latest_records(read_results(os.path.join(sweep_dir,
+                                                    RESULTS_FILE))[0])
+  todo = [i for i, p in enumerate(points)
+          if not is_finished(sweep_dir, p, latest)]
+  backend, devices = probe_devices()
+  if parallel is None:
+    parallel = (os.cpu_count() or 1) if backend == "cpu" else (
+        devices if backend == "gpu" else 1)
+  print(f"sweep {sweep_dir}: {len(points)} points, "
+        f"{len(points) - len(todo)} finished, {len(todo)} to run on "
+        f"{parallel} {backend} worker(s)", flush=True)
+  progress = _Progress(len(points), len(points) - len(todo))
+  running: list[_Worker] = []
+  free = list(range(parallel))
+  failures = 0
+  signal.signal(signal.SIGTERM, _exit_on_sigterm)
+  try:
+    while todo or running:
+      while todo and free:
+        index, slot = todo.pop(0), free.pop(0)
+        log = os.path.join(point_workdir(sweep_dir, points[index]), "log.txt")
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        with open(log, "ab") as out:
+          proc = subprocess.Popen(
+              [sys.executable, "-m", "aqt_ext.sweep", *worker_args,
+               f"--workdir={sweep_dir}", f"--point_index={index}"],
+              stdout=out, stderr=subprocess.STDOUT,
+              env=worker_env(slot, parallel, backend, devices))
+        running.append(_Worker(index, slot, proc, log, time.time()))
+      time.sleep(0.2)
+      for w in [w for w in running if w.proc.poll() is not None]:
+        running.remove(w)
+        free.append(w.slot)
+        failures += _finish(w, points[w.index], sweep_dir, progress)
+  finally:
+    for w in running:  # interrupted: stop the workers; a rerun resumes them
+      w.proc.terminate()
+    for w in running:
+      w.proc.wait()
+  return failures
+
+
+# ---------------------------------------------------------------------------
+# SLURM.
+# ---------------------------------------------------------------------------
+
+def slurm_script(worker_args: Sequence[str], sweep_dir: str, num_points: int,
+                 sbatch: Mapping[str, str] | None = None,
+                 max_parallel: int = 0,
+                 python: str = sys.executable, cwd: str | None = None) -> str:
+  """A job-array script whose task i runs ``--point_index=i``.
+
+  `sbatch` adds ``#SBATCH --key=value`` lines (e.g. time, partition, gres);
+  `max_parallel` > 0 caps the tasks running at once (``--array=...%N``).
+  Task logs go to ``sweep_dir/slurm/``.
+  """
+  sweep_dir = os.path.abspath(sweep_dir)
+  cwd = cwd or os.getcwd()
+  array = f"0-{num_points - 1}" + (f"%{max_parallel}" if max_parallel else "")
+  options = {"job-name": "aqt_sweep", "array": array,
+             "output": os.path.join(sweep_dir, "slurm", "%A_%a.out"),
+             **(sbatch or {})}
+  run = " ".join(shlex.quote(a) for a in (
+      python, "-m", "aqt_ext.sweep", *worker_args, f"--workdir={sweep_dir}"))
+  analyze_cmd = " ".join(shlex.quote(a) for a in (
+      python, "-m", "aqt_ext.sweep", f"--workdir={sweep_dir}",
+      "--analyze_only"))
+  lines = [
+      "#!/bin/bash",
+      f"# Pareto sweep of {num_points} points, one array task each "
+      "(aqt_ext/sweep.py).",
+      "# Submit: sbatch THIS_FILE. A resubmitted task resumes its point; a",
+      "# finished point exits at once. When all are done, analyze:",
+      f"#   {analyze_cmd}",
+      *(f"#SBATCH --{k}={v}" for k, v in options.items()),
+      "set -euo pipefail",
+      f"cd {shlex.quote(cwd)}",
+      f"export PYTHONPATH={shlex.quote(cwd)}${{PYTHONPATH:+:$PYTHONPATH}}",
+      f'exec {run} --point_index="$SLURM_ARRAY_TASK_ID"',
+  ]
+  return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# CLI.
+# ---------------------------------------------------------------------------
+
+def define_flags() -> None:
+  """The CLI flags (defined on demand: importing this module defines none)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("workdir", None, "Sweep directory (results.jsonl, "
+                      "points/, analysis).")
+  config_flags.DEFINE_config_file("config", None, "Sweep config file "
+                                  "(configs/sweep_*.py).", lock_config=True)
+  flags.DEFINE_integer("parallel", None, "Worker processes (default: CPU "
+                       "count on CPU, GPU count on GPUs).", lower_bound=1)
+  flags.DEFINE_integer("point_index", None, "Run only this point (e.g. "
+                       "$SLURM_ARRAY_TASK_ID).", lower_bound=0)
+  flags.DEFINE_bool("analyze_only", False, "Only redraw the analysis from "
+                    "results.jsonl.")
+  flags.mark_flags_as_required(["workdir"])
+
+
+def _run_one(sweep: ml_collections.ConfigDict, sweep_dir: str,
+             index: int) -> int:
+  """Worker: runs point `index`; exit status 0 or EXIT_POINT_FAILED."""
+  points = make_points(sweep)
+  if index >= len(points):
+    raise ValueError(f"--point_index={index} is out of range; allowed: 0.."
+                     f"{len(points) - 1} ({len(points)} points)")
+  import jax  # pylint: disable=g-import-not-at-top
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.join(sweep_dir, JAX_CACHE_DIR))
+  point = points[index]
+  print(f"point {index}: {point.id}", flush=True)
+  status = run_point(point, sweep.base, sweep_dir)
+  print(f"point {index}: {status}", flush=True)
+  return EXIT_POINT_FAILED if status == "failed" else 0
+
+
+def main(argv: Sequence[str]) -> int:
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  del argv
+  f = flags.FLAGS
+  sweep_dir = os.path.abspath(f.workdir)
+  if f.analyze_only:
+    print(analyze(sweep_dir), end="", flush=True)
+    return 0
+  if f.config is None:
+    raise app.UsageError("--config is required unless --analyze_only")
+  os.makedirs(sweep_dir, exist_ok=True)
+  check_and_save_config(f.config, sweep_dir)
+  if f.point_index is not None:
+    return _run_one(f.config, sweep_dir, f.point_index)
+  t0 = time.time()
+  failures = run_local(f.config, sweep_dir, config_args(sys.argv[1:]),
+                       f.parallel)
+  print(analyze(sweep_dir), end="", flush=True)
+  print(f"sweep done in {_hms(time.time() - t0)}; {failures} point(s) failed"
+        + (" (rerun to retry)" if failures else "") + f"; see {sweep_dir}",
+        flush=True)
+  return 1 if failures else 0
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  define_flags()
+  app.run(main)
