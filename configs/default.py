@@ -11,7 +11,7 @@ def get_config():
   c.model = "cifar_resnet20"
   c.width = 0.5
   c.quant = "w4a4_fl8"
-  c.num_epochs = 4.0
+  c.num_epochs = 5.0
   c.batch_size = 128
   c.learning_rate = 0.1
   c.warmup_epochs = 0.3
