@@ -18,9 +18,10 @@ index of the nearest level to the latent (float) weight.
     weight into the cell of another level.
 * Sorted and distinct by construction [design]: the stored parameter may
   leave order under SGD; the forward uses `sorted_levels(v)`, which sorts v
-  and enforces a minimum gap between neighbours. While the stored levels are
-  sorted and further apart than that gap (always at init) it is the identity,
-  so the gradient w.r.t. the parameter is exactly the segment sum.
+  and enforces a minimum gap between neighbours (straight-through). While the
+  stored levels are sorted and further apart than that gap (always at init)
+  it is the identity, and in any case each stored level receives exactly the
+  segment sum of the sorted position it lands in.
 * Ties: a weight exactly on the midpoint of two levels goes to the lower one.
 * Levels are a lookup table: integer export stores b-bit indices plus the
   table (`export_indices`); `is_uniform` tells whether the table is a uniform
@@ -177,14 +178,15 @@ _quantize_levels.defvjp(_quantize_fwd, _quantize_bwd)
 def sorted_levels(v: jax.Array, min_gap: float = MIN_GAP) -> jax.Array:
   """The levels the forward uses: sort(v) with a minimum neighbour gap.
 
-  [design] gap = min_gap * max(span, max|v|, 1e-12) / (L - 1)
-  (stop-gradiented): a small fraction of the mean level gap, and still many
-  float ulps when the levels nearly or exactly coincide. With s = sort(v)
-  and c = cummax(s_j - j gap): u_j = s_j where s_j - j gap is its own
-  running max (s_j is at least a gap above u_{j-1}), else c_j + j gap =
-  u_{j-1} + gap. So while neighbours are a gap apart (always at init) u is
-  exactly s and its gradient the permutation of the incoming one; collapsed
-  levels move together.
+  [design] gap = min_gap * max(span, max|v|, 1e-12) / (L - 1): a small
+  fraction of the mean level gap, and still many float ulps when levels
+  nearly or exactly coincide. With s = sort(v) and c = cummax(s_j - j gap):
+  u_j = s_j where s_j - j gap is its own running max (s_j is at least a gap
+  above u_{j-1}), else c_j + j gap = u_{j-1} + gap. So while neighbours are
+  a gap apart (always at init) u is exactly s. The gap is straight-through:
+  d u_j / d s_j = 1, so each stored level gets the gradient of its own
+  position (the sort's permutation of the incoming gradient), also a level
+  the gap pushed up.
   """
   s = jnp.sort(v, axis=-1)
   num = v.shape[-1]
@@ -192,9 +194,9 @@ def sorted_levels(v: jax.Array, min_gap: float = MIN_GAP) -> jax.Array:
                     jnp.max(jnp.abs(s), -1, keepdims=True))
   gap = lax.stop_gradient(min_gap * jnp.maximum(ref, 1e-12) / (num - 1))
   ramp = jnp.arange(num, dtype=v.dtype) * gap
-  shifted = s - ramp
+  shifted = lax.stop_gradient(s) - ramp
   run_max = lax.cummax(shifted, axis=v.ndim - 1)
-  return jnp.where(shifted >= run_max, s, run_max + ramp)
+  return jnp.where(shifted >= run_max, s, qz.ste(s, run_max + ramp))
 
 
 def _lloyd(w2: jax.Array, lv2: jax.Array, iters: int) -> jax.Array:

@@ -2,9 +2,10 @@
 
 Same constructor arguments (plus `quant`), same parameter names and shapes,
 so a float checkpoint loads unchanged; quantizers that learn (LSQ steps, PACT
-clips, DQ levels) add parameters next to ``kernel`` whose names end in
-``_lsq_step``, ``_pact_alpha`` or ``_dq_levels``; `aqt_ext.checkpoint_utils`
-fills them in when loading a float checkpoint. Static activation ranges live
+clips, DQ levels and clips) add parameters next to ``kernel`` whose names
+end in ``_lsq_step``, ``_pact_alpha``, ``_dq_levels`` or ``_dq_alpha``;
+`aqt_ext.train.initial_variables` creates them from the loaded kernels when
+starting from a float checkpoint. Static activation ranges live
 in the ``quant_stats`` collection: updated when that collection is mutable,
 frozen otherwise (like BatchNorm's ``batch_stats``).
 

@@ -277,7 +277,7 @@ def test_layer_jit_grad_aux_loss(kind, bits, granularity):
   assert aux > 0 and float(aux_grads["input_dq_alpha"]) != 0.0
   for k in ("kernel", "kernel_dq_levels", "bias"):
     assert not np.any(aux_grads[k])  # the aux loss trains alpha only
-  # Not mutable: nothing is sown, the output is the same.
+  # Not mutable: sow is a no-op and the output is unchanged.
   np.testing.assert_allclose(layer.apply({"params": params}, x), y,
                              rtol=1e-6, atol=1e-6)
 
