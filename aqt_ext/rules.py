@@ -38,20 +38,27 @@ creates that layer's variables):
   contraction is quantized. Kernel scales are per output feature (all
   non-contracting kernel axes) for ``per_channel``; ``per_group`` splits the
   last contracting axis; ``per_group`` does not run with integer execution.
+  (Flax 0.12 marks ``DenseGeneral.dot_general`` as deprecated; should it go,
+  this case needs its own parameter code.)
 
 Not quantizable: ``nn.Einsum`` (its contraction is a ``jnp.einsum`` that
 offers no hook, and no quantized equivalent exists in `aqt_ext.layers`),
 ``nn.ConvTranspose``, ``nn.ConvLocal``, ``nn.Embed``, norms, and any custom
-layer. A rule matching such a module, when the module owns variables, warns
-and leaves it float; a rule matching a subclass of a supported layer that
-overrides ``__call__``, or a supported layer with a setting the quantized
-computation cannot mirror (``mask``, a custom ``dot_general`` /
-``conv_general_dilated`` / ``promote_dtype``, circular padding), raises.
-Rules matching only containers select nothing: `QuantizedModel.report`
-lists them as unused. The attention products inside
+layer. A non-float rule matching such a module, when the module owns
+variables, leaves it float and warns (one warning per rule and call,
+listing the modules; a float rule for them first silences it). A non-float
+rule matching a subclass of a supported layer that overrides ``__call__``,
+or a supported layer with a setting the quantized computation cannot
+mirror (``mask``, a custom ``dot_general`` / ``conv_general_dilated`` /
+``promote_dtype``, circular padding), raises. Rules matching only
+containers select nothing. The attention products inside
 ``nn.MultiHeadDotProductAttention`` (query x key, weights x value) stay
 float; its ``query`` / ``key`` / ``value`` / ``out`` projections are
 ``DenseGeneral`` layers and are quantized.
+
+Report. `QuantizedModel.report` traces the model once (abstractly) and lists
+every supported layer with the rule that configured it, the unused rules
+and the unquantizable matches.
 """
 
 from __future__ import annotations
@@ -204,8 +211,8 @@ def _check_fields(mdl: nn.Module, base: type, path: str) -> None:
   for name in SUPPORTED[base]:
     if getattr(mdl, name) is not defaults[name]:
       raise ValueError(
-          f"quantize_model: {path!r} (nn.{base.__name__}) sets {name}="
-          f"{getattr(mdl, name)!r}, which cannot be quantized; allowed: "
+          f"quantize_model: {path!r} (nn.{base.__name__}) sets {name}, which "
+          f"the quantized layer cannot mirror; allowed: {name}="
           f"{defaults[name]!r}")
   if base is nn.Conv and isinstance(mdl.padding, str) and (
       mdl.padding not in CONV_PADDINGS):

@@ -17,7 +17,8 @@ from aqt_ext.rules import QuantizedModel, quantize_model
 FLOAT = LayerQuant()
 W8A8 = parse_spec("w8a8").default                       # unsigned inputs
 W8A8_SIGNED = parse_spec("w8a8", first=".*").rules[0][1]  # signed inputs
-W4_ONLY = LayerQuant(weight=TensorQuant("uniform", 4, granularity="per_channel"))
+W4_ONLY = LayerQuant(weight=TensorQuant("uniform", 4,
+                                         granularity="per_channel"))
 LSQ = LayerQuant(TensorQuant("lsq", 4, granularity="per_channel"),
                  TensorQuant("lsq", 4, grid="full"))
 
@@ -68,12 +69,14 @@ def _contracting(path: str, ndim: int) -> tuple[int, ...]:
 
 
 RNG = np.random.default_rng(0)
+# name -> (model class, call args, call kwargs, regex of its layers)
 CASES = {
     "cnn": (CNN, (RNG.normal(size=(4, 8, 8, 3)).astype(np.float32),),
-            {"train": False}),
-    "mlp": (MLP, (RNG.normal(size=(6, 12)).astype(np.float32),), {}),
+            {"train": False}, "Conv|Dense"),
+    "mlp": (MLP, (RNG.normal(size=(6, 12)).astype(np.float32),), {},
+            "Dense"),
     "attention": (Attention, (RNG.normal(size=(2, 5, 8)).astype(np.float32),),
-                  {}),
+                  {}, "query|key|value|out"),
 }
 
 
@@ -93,19 +96,27 @@ def random_variables(model, args, kwargs, seed=0):
                          for k, s in flatten_dict(shapes).items()})
 
 
-@pytest.fixture(scope="module", params=list(CASES))
-def case(request):
-  cls, args, kwargs = CASES[request.param]
-  return cls, args, kwargs, random_variables(cls(), args, kwargs)
+VARIABLES = {name: random_variables(c[0](), c[1], c[2])
+             for name, c in CASES.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def output(name: str, lq: LayerQuant | None, **extra):
+  """The output of case `name`: float model (lq None) or all its layers
+  quantized by `lq`; computed once."""
+  cls, args, kwargs, layers = CASES[name]
+  model = cls() if lq is None else quantize_model(cls(), [(layers, lq)])
+  return jax.jit(functools.partial(model.apply, **{**kwargs, **extra}))(
+      VARIABLES[name], *args)
 
 
 def _shapes(tree):
   return jax.tree.map(lambda a: (a.shape, a.dtype), tree)
 
 
-def _apply(model, variables, args, kwargs, **extra):
-  return jax.jit(functools.partial(model.apply, **kwargs, **extra))(
-      variables, *args)
+def _init_shapes(model, args, kwargs):
+  return jax.eval_shape(functools.partial(model.init, **kwargs),
+                        jax.random.PRNGKey(0), *args)
 
 
 def _rel_err(a, b):
@@ -116,97 +127,114 @@ def _rel_err(a, b):
 # Same tree, same output when float, quantized kernels when asked.
 # ---------------------------------------------------------------------------
 
-def test_variable_tree_is_the_float_tree(case):
-  cls, args, kwargs, _ = case
-  init = lambda m: jax.eval_shape(  # noqa: E731
-      functools.partial(m.init, **kwargs), jax.random.PRNGKey(0), *args)
-  ref = init(cls())
-  for rules in ([(".*", FLOAT)], [(".*", W8A8_SIGNED)]):
-    assert _shapes(init(quantize_model(cls(), rules))) == _shapes(ref)
+@pytest.mark.parametrize("name", list(CASES))
+def test_variable_tree_is_the_float_tree(name):
+  cls, args, kwargs, layers = CASES[name]
+  ref = _init_shapes(cls(), args, kwargs)
+  for rules in ([(".*", FLOAT)], [(layers, W8A8_SIGNED)]):
+    assert _shapes(_init_shapes(quantize_model(cls(), rules), args,
+                                kwargs)) == _shapes(ref)
   # LSQ adds its steps next to the kernels, nothing else.
   flat_ref = flatten_dict(ref["params"])
-  flat_lsq = flatten_dict(init(quantize_model(cls(), [(".*", LSQ)]))["params"])
+  flat_lsq = flatten_dict(_init_shapes(quantize_model(cls(), [(layers, LSQ)]),
+                                       args, kwargs)["params"])
   assert {k: v.shape for k, v in flat_lsq.items() if k in flat_ref} == {
       k: v.shape for k, v in flat_ref.items()}
-  extra = {k for k in flat_lsq if k not in flat_ref}
   kernels = {k[:-1] for k in flat_ref if k[-1] == "kernel"}
-  assert extra == {k + (n,) for k in kernels
-                   for n in ("input_lsq_step", "kernel_lsq_step")}
+  assert set(flat_lsq) - set(flat_ref) == {
+      k + (n,) for k in kernels for n in ("input_lsq_step", "kernel_lsq_step")}
 
 
-def test_float_rules_give_the_original_output(case):
-  cls, args, kwargs, v = case
-  q = quantize_model(cls(), [(".*", FLOAT)])
-  np.testing.assert_array_equal(_apply(q, v, args, kwargs),
-                                _apply(cls(), v, args, kwargs))
-  if "train" in kwargs:  # BatchNorm in training: same output and statistics
-    out_q, new_q = _apply(q, v, args, {"train": True},
-                          mutable=["batch_stats"])
-    out_f, new_f = _apply(cls(), v, args, {"train": True},
-                          mutable=["batch_stats"])
-    np.testing.assert_array_equal(out_q, out_f)
-    jax.tree.map(np.testing.assert_array_equal, new_q, new_f)
+@pytest.mark.parametrize("name", list(CASES))
+def test_float_rules_give_the_original_output(name):
+  np.testing.assert_array_equal(output(name, FLOAT), output(name, None))
 
 
-def test_the_kernels_used_are_quantized(case):
-  """Weight-only 4-bit: the output is the float model's output with every
-  kernel replaced by its per-channel fake quantization (<= 16 values per
-  output channel)."""
-  cls, args, kwargs, v = case
-  out = _apply(quantize_model(cls(), [(".*", W4_ONLY)]), v, args, kwargs)
+def test_float_rules_keep_batch_norm_training():
+  """BatchNorm in training: same output and same updated statistics."""
+  float_out, float_stats = output("cnn", None, train=True,
+                                  mutable=("batch_stats",))
+  out, stats = output("cnn", FLOAT, train=True, mutable=("batch_stats",))
+  np.testing.assert_array_equal(out, float_out)
+  jax.tree.map(np.testing.assert_array_equal, stats, float_stats)
 
-  def fake_quant(path, w):
+
+@jax.jit
+def _fake_quant_kernels(params):
+  """Every kernel fake-quantized 4-bit per output channel (test oracle)."""
+  def one(path, w):
     if path[-1] != "kernel":
       return w
     red = _contracting("/".join(path[:-1]), w.ndim)
     qp = qz.qparams_from_range(qz.observe_range(w, "full", red), "full", 4)
-    wq = qz.fake_quant(w, qp)
-    per_channel = np.asarray(wq).reshape(-1, *wq.shape[len(red):])
-    per_channel = per_channel.reshape(per_channel.shape[0], -1)
-    assert max(len(np.unique(c)) for c in per_channel.T) <= 16
-    assert not np.allclose(wq, w)
-    return wq
-
-  vq = dict(v, params=unflatten_dict({
-      k: fake_quant(k, w) for k, w in flatten_dict(v["params"]).items()}))
-  np.testing.assert_allclose(out, _apply(cls(), vq, args, kwargs),
-                             rtol=1e-5, atol=1e-6)
+    return qz.fake_quant(w, qp)
+  return unflatten_dict({k: one(k, w) for k, w in
+                         flatten_dict(params).items()})
 
 
-def test_w8a8_is_close_to_float(case):
-  cls, args, kwargs, v = case
-  out = _apply(quantize_model(cls(), [(".*", W8A8_SIGNED)]), v, args, kwargs)
-  assert _rel_err(out, _apply(cls(), v, args, kwargs)) < 0.03
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_kernels_used_are_quantized(name):
+  """Weight-only 4-bit: the output is the float model's output with every
+  kernel replaced by its per-channel fake quantization, which has at most
+  16 values per output channel."""
+  cls, args, kwargs, _ = CASES[name]
+  v = VARIABLES[name]
+  vq = dict(v, params=_fake_quant_kernels(v["params"]))
+  for path, w in flatten_dict(vq["params"]).items():
+    if path[-1] == "kernel":
+      n_red = len(_contracting("/".join(path[:-1]), w.ndim))
+      cols = np.asarray(w).reshape(-1, int(np.prod(w.shape[n_red:])))
+      assert max(len(np.unique(c)) for c in cols.T) <= 16
+      assert not np.allclose(w, flatten_dict(v["params"])[path])
+  ref = jax.jit(functools.partial(cls().apply, **kwargs))(vq, *args)
+  np.testing.assert_allclose(output(name, W4_ONLY), ref, rtol=1e-5,
+                             atol=1e-6)
 
 
-def test_int_execution_matches_fake_quant(case):
-  """Same integer operands; only float summation order differs, and a
-  dynamic range may then round an activation one level apart."""
-  cls, args, kwargs, v = case
-  run = lambda lq: _apply(  # noqa: E731
-      quantize_model(cls(), [(".*", lq)]), v, args, kwargs)
-  fake, ints = run(W8A8_SIGNED), run(W8A8_SIGNED.replace(execution="int"))
-  np.testing.assert_allclose(ints, fake, rtol=1e-4, atol=1e-4)
+@pytest.mark.parametrize("name", list(CASES))
+def test_w8a8_is_close_to_float(name):
+  assert _rel_err(output(name, W8A8_SIGNED), output(name, None)) < 0.03
 
 
-def test_gradients_flow_and_are_finite(case):
-  cls, args, kwargs, v = case
-  model = quantize_model(cls(), [(".*", LSQ)])
-  # A float checkpoint loads as is; LSQ steps are created from it.
-  _, v = _apply(model, v, args, kwargs, mutable=True,
-                rngs={"params": jax.random.PRNGKey(0)})
-  kw = {"train": True, "mutable": ["batch_stats"]} if kwargs else {}
+@pytest.mark.parametrize("name", list(CASES))
+def test_int_execution_matches_fake_quant(name):
+  """Same integer operands; only the float summation differs."""
+  np.testing.assert_allclose(
+      output(name, W8A8_SIGNED.replace(execution="int")),
+      output(name, W8A8_SIGNED), rtol=1e-4, atol=1e-4)
+
+
+def _grads(model, variables, args, kwargs):
+  train = {"train": True, "mutable": ["batch_stats"]} if kwargs else {}
 
   def loss(params):
-    out = model.apply(dict(v, params=params), *args, **kw)
-    out = out[0] if kwargs else out
-    return jnp.sum(jnp.sin(out))
+    out = model.apply(dict(variables, params=params), *args, **train)
+    return jnp.sum(jnp.sin(out[0] if train else out))
 
-  grads = flatten_dict(jax.jit(jax.grad(loss))(v["params"]))
+  return flatten_dict(jax.jit(jax.grad(loss))(variables["params"]))
+
+
+@pytest.mark.parametrize("name", ["cnn", "attention"])  # mlp: LSQ test
+def test_gradients_flow_and_are_finite(name):
+  cls, args, kwargs, layers = CASES[name]
+  grads = _grads(quantize_model(cls(), [(layers, W8A8_SIGNED)]),
+                 VARIABLES[name], args, kwargs)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads.values())
+  assert all(float(jnp.abs(g).sum()) > 0 for k, g in grads.items()
+             if k[-1] == "kernel")
+
+
+def test_lsq_from_a_float_checkpoint_trains_its_steps():
+  """A float checkpoint loads as is; the LSQ steps are created from it and
+  get gradients."""
+  cls, args, kwargs, layers = CASES["mlp"]
+  model = quantize_model(cls(), [(layers, LSQ)])
+  _, v = jax.jit(functools.partial(model.apply, mutable=True))(
+      VARIABLES["mlp"], *args, rngs={"params": jax.random.PRNGKey(0)})
+  grads = _grads(model, v, args, kwargs)
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads.values())
   for k, g in grads.items():
-    if k[-1] in ("kernel", "kernel_lsq_step", "input_lsq_step"):
-      assert float(jnp.abs(g).sum()) > 0, k
+    assert float(jnp.abs(g).sum()) > 0, k
 
 
 # ---------------------------------------------------------------------------
@@ -214,6 +242,11 @@ def test_gradients_flow_and_are_finite(case):
 # ---------------------------------------------------------------------------
 
 MLP_X = CASES["mlp"][1]
+
+
+def _abstract_init(model, args, kwargs=None):
+  """Traces init (rules act at trace time) without compiling."""
+  return _init_shapes(model, args, kwargs or {})
 
 
 def test_first_match_wins_and_unused_rules_are_reported():
@@ -224,7 +257,7 @@ def test_first_match_wins_and_unused_rules_are_reported():
       "Dense_0": 0, "Dense_1": 1, "Dense_2": 1}
   assert report.unused == ("encoder",)
   assert model.unused_rules(None, *MLP_X) == ("encoder",)
-  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), *MLP_X)["params"]
+  params = _abstract_init(model, MLP_X)["params"]
   assert "kernel_lsq_step" in params["Dense_0"]
   assert set(params["Dense_1"]) == {"kernel", "bias"}
 
@@ -242,8 +275,7 @@ def test_paths_are_relative_to_the_wrapped_model():
     def __call__(self, x):
       return quantize_model(MLP(), [("^Dense_0$", LSQ)])(x)
 
-  params = jax.eval_shape(Outer().init, jax.random.PRNGKey(0),
-                          *MLP_X)["params"]
+  params = _abstract_init(Outer(), MLP_X)["params"]
   (inner,) = params.values()
   assert "kernel_lsq_step" in inner["Dense_0"]
 
@@ -258,19 +290,19 @@ def test_invalid_rules_are_refused_when_built():
 
 
 def test_rule_matching_an_unquantizable_module_warns():
-  cls, args, kwargs = CASES["cnn"]
+  cls, args, kwargs, _ = CASES["cnn"]
   model = quantize_model(cls(), [("BatchNorm_0|Conv_0", W8A8_SIGNED)])
   with pytest.warns(UserWarning, match=r"'BatchNorm_0' \(BatchNorm\).*"
                     "cannot be quantized"):
-    model.init(jax.random.PRNGKey(0), *args, **kwargs)
+    _abstract_init(model, args, kwargs)
   report = model.report(None, *args, **kwargs)
   assert report.not_quantizable == {"BatchNorm_0": "BatchNorm"}
   assert report.quantized == ("Conv_0",)
   # A float rule on such a module is harmless.
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    quantize_model(cls(), [("BatchNorm", FLOAT)]).init(
-        jax.random.PRNGKey(0), *args, **kwargs)
+    _abstract_init(quantize_model(cls(), [("BatchNorm", FLOAT)]), args,
+                   kwargs)
 
 
 def test_einsum_is_not_quantizable():
@@ -280,8 +312,7 @@ def test_einsum_is_not_quantizable():
       return nn.Einsum((12, 3), "bi,io->bo")(x)
 
   with pytest.warns(UserWarning, match=r"'Einsum_0' \(Einsum\)"):
-    quantize_model(Model(), [(".*", W8A8)]).init(jax.random.PRNGKey(0),
-                                                 *MLP_X)
+    _abstract_init(quantize_model(Model(), [(".*", W8A8)]), MLP_X)
 
 
 def test_layers_that_cannot_be_mirrored_raise():
@@ -297,14 +328,14 @@ def test_layers_that_cannot_be_mirrored_raise():
       return self.layer(x)
 
   x = np.ones((1, 6, 6, 2), np.float32)
-  init = lambda layer, rules: quantize_model(  # noqa: E731
-      Model(layer), rules).init(jax.random.PRNGKey(0), x)
+  init = lambda layer, rules: _abstract_init(  # noqa: E731
+      quantize_model(Model(layer), rules), (x,))
   with pytest.raises(TypeError, match="own __call__"):
     init(Doubling(3), [("layer", W8A8)])
   init(Doubling(3), [("layer", FLOAT)])  # a float rule first is the way out
   with pytest.raises(ValueError, match="padding='CIRCULAR'"):
     init(nn.Conv(3, (3, 3), padding="CIRCULAR"), [("layer", W8A8)])
-  with pytest.raises(ValueError, match="mask="):
+  with pytest.raises(ValueError, match="sets mask.*allowed: mask=None"):
     init(nn.Conv(3, (1, 1), mask=jnp.ones((1, 1, 2, 3))), [("layer", W8A8)])
 
 
