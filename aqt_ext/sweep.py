@@ -408,8 +408,8 @@ def analyze(sweep_dir: str) -> str:
   for p in problems:
     print(f"warning: {p}", file=sys.stderr, flush=True)
   latest = list(latest_records(records).values())
-  ok = [r for r in latest if r["status"] == "ok"]
-  failed = [r for r in latest if r["status"] == "failed"]
+  ok = [r for r in latest if r.get("status") == "ok"]
+  failed = [r for r in latest if r.get("status") == "failed"]
   datasets = sorted({r.get("config", {}).get("dataset", "?") for r in ok})
   title = f"{', '.join(datasets)}: accuracy vs cost ({len(ok)} points)"
   return pareto.write_report(pareto.summarize(ok), failed, sweep_dir, title)

@@ -12,7 +12,8 @@ the BatchNorm into an identity plus a bias, so the module tree, the parameter
 shapes and the model code stay unchanged: mean = 0, var = 1 - eps (so that
 sqrt(var + eps) = 1), gamma = 1, beta = beta - mean * g. The folded model
 computes the same function up to float rounding; only its kernels change, and
-those are what post-training quantization then quantizes.
+those are what post-training quantization then quantizes. The arithmetic is
+float32 numpy (offline, nothing to compile).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
-import jax.numpy as jnp
+import numpy as np
 
 Tree = Mapping[str, Any]
 
@@ -100,13 +101,15 @@ def fold_batch_norm(variables: Tree, epsilon: float) -> dict:
   params, stats = out["params"], out["batch_stats"]
   for conv, bn in find_conv_bn_pairs(variables["params"]):
     bn_params, bn_stats = _get(params, bn), _get(stats, bn)
-    gamma = jnp.asarray(bn_params["scale"], jnp.float32)
-    mean = jnp.asarray(bn_stats["mean"], jnp.float32)
-    g = gamma / jnp.sqrt(jnp.asarray(bn_stats["var"], jnp.float32) + epsilon)
-    kernel = jnp.asarray(_get(params, conv)["kernel"])
+    gamma = np.asarray(bn_params["scale"], np.float32)
+    mean = np.asarray(bn_stats["mean"], np.float32)
+    g = gamma / np.sqrt(np.asarray(bn_stats["var"], np.float32)
+                        + np.float32(epsilon))
+    kernel = np.asarray(_get(params, conv)["kernel"])
     _set(params, conv + ("kernel",), (kernel * g).astype(kernel.dtype))
-    _set(params, bn, {"scale": jnp.ones_like(gamma),
-                      "bias": jnp.asarray(bn_params["bias"]) - mean * g})
-    _set(stats, bn, {"mean": jnp.zeros_like(mean),
-                     "var": jnp.full_like(mean, 1.0 - epsilon)})
+    _set(params, bn, {"scale": np.ones_like(gamma),
+                      "bias": np.asarray(bn_params["bias"], np.float32)
+                              - mean * g})
+    _set(stats, bn, {"mean": np.zeros_like(mean),
+                     "var": np.full_like(mean, 1.0 - epsilon)})
   return out

@@ -5,9 +5,10 @@
 1. Refuses a bad config before any work (`validate_ptq_config`), naming the
    field and its allowed values.
 2. Loads the float checkpoint (`train.load_float_variables`) and checks it
-   against the model the config names: the first parameter (in the model's
-   order) whose shape differs, or that only one side has, is named with both
-   shapes (`CheckpointMismatchError`).
+   against the model the config names: the first variable (``params`` or
+   ``batch_stats``; modules in the model's call order) whose shape differs,
+   or that only one side has, is named with both shapes
+   (`CheckpointMismatchError`).
 3. Folds every BatchNorm into its conv (`bn_fold`).
 4. Quantizes every conv and dense kernel whose layer has quantized weights in
    ``config.quant`` by ``config.ptq.method`` (below), at that layer's weight
@@ -86,6 +87,7 @@ workdir) -> result`` that reads the float checkpoint from
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 import re
@@ -152,8 +154,9 @@ def ptq_defaults() -> ml_collections.ConfigDict:
 
 def with_ptq_defaults(config: ml_collections.ConfigDict
                       ) -> ml_collections.ConfigDict:
-  """A copy of a training config with the PTQ fields it lacks added."""
-  c = config.copy_and_resolve_references()
+  """A copy of a training config with the PTQ fields it lacks added (field
+  references kept, so that typed None fields stay overridable)."""
+  c = copy.deepcopy(config)
   with c.unlocked():
     if "num_calibration_batches" not in c:
       c.num_calibration_batches = 8
@@ -294,26 +297,52 @@ def _create_model(config: ml_collections.ConfigDict, num_classes: int,
                              dtype=train.DTYPES[config.dtype])
 
 
+def init_shapes(model: nn.Module, image_shape: Sequence[int]
+                ) -> tuple[dict, list[Path]]:
+  """(variable shapes of ``model.init``, module paths in call order), by
+  tracing alone (no compute)."""
+  order: list[Path] = []
+
+  def record(next_fun, args, kwargs, context):
+    path = "/".join(str(p) for p in context.module.scope.path)
+    if context.method_name == "__call__" and path not in order:
+      order.append(path)
+    return next_fun(*args, **kwargs)
+
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  with nn.intercept_methods(record):
+    shapes = jax.eval_shape(functools.partial(model.init, train=False),
+                            jax.random.key(0), x)
+  return shapes, order
+
+
 def _shapes(tree: Mapping) -> dict[str, tuple[int, ...]]:
   return {"/".join(k): tuple(v.shape)
           for k, v in flax.traverse_util.flatten_dict(dict(tree)).items()}
 
 
-def check_checkpoint(expected: Mapping, variables: Mapping,
-                     checkpoint_dir: str, model: str) -> None:
-  """Raises `CheckpointMismatchError` naming the first parameter (model
-  order, then checkpoint-only ones) whose shape differs or that one side
-  lacks, with both shapes. Compares ``params`` and ``batch_stats``."""
+def check_checkpoint(expected: Mapping, module_order: Sequence[Path],
+                     variables: Mapping, checkpoint_dir: str, model: str
+                     ) -> None:
+  """Raises `CheckpointMismatchError` naming the first variable whose shape
+  differs or that one side lacks, with both shapes. Compares ``params`` and
+  ``batch_stats``; "first" follows the modules' call order in the model
+  (then the checkpoint-only ones, sorted)."""
   def pick(tree):
     return {c: tree[c] for c in ("params", "batch_stats") if c in tree}
 
+  def rank(path: str) -> tuple:
+    module = "/".join(path.split("/")[1:-1])
+    known = module in module_order
+    return (not known, module_order.index(module) if known else 0, path)
+
   want, have = _shapes(pick(expected)), _shapes(pick(variables))
-  for path in [*want, *(p for p in have if p not in want)]:
+  for path in sorted(want.keys() | have.keys(), key=rank):
     if want.get(path) != have.get(path):
       show = lambda s: "absent" if s is None else str(s)  # noqa: E731
       raise CheckpointMismatchError(
           f"checkpoint {checkpoint_dir!r} does not match the model of the "
-          f"config ({model}): first mismatching parameter {path!r} has shape "
+          f"config ({model}): first mismatching variable {path!r} has shape "
           f"{show(have.get(path))} in the checkpoint and "
           f"{show(want.get(path))} in the model")
 
@@ -345,19 +374,29 @@ def _pwlq(w: jax.Array, bits: int, ptq: ml_collections.ConfigDict
   return pwlq.bias_correct(w, w_hat) if ptq.bias_correction else w_hat
 
 
+@functools.lru_cache(maxsize=None)
+def _rtn_expansion(bits: int, granularity: str, order: int, sparsity: float
+                   ) -> Callable[[jax.Array], list[jax.Array]]:
+  """Jitted REx expansion over `rtn_quantizer` (order 1: plain rtn), one
+  compilation per kernel shape for all runs of a process."""
+  base = rtn_quantizer(bits, granularity)
+  return jax.jit(lambda w: rex.rex_expand(w, order, base, sparsity))
+
+
 def quantize_kernel(w: jax.Array, bits: int, ptq: ml_collections.ConfigDict
                     ) -> Terms:
-  """The dequantized terms of one kernel: K for REx, else one."""
+  """The dequantized terms of one kernel (numpy): K for REx, else one."""
   if ptq.method == "pwlq":
-    return [_pwlq(w, bits, ptq)]
-  base = rtn_quantizer(bits, ptq.granularity)
-  if ptq.method == "rex":
-    return rex.rex_expand(w, ptq.order, base, ptq.sparsity)
-  return [base(w)]  # rtn, aquant
+    terms = [_pwlq(w, bits, ptq)]
+  else:
+    order = ptq.order if ptq.method == "rex" else 1
+    terms = _rtn_expansion(bits, ptq.granularity, order,
+                           float(ptq.sparsity))(w)
+  return [np.asarray(t) for t in terms]
 
 
-def _kernels(params: Mapping) -> dict[Path, jax.Array]:
-  return {"/".join(k[:-1]): jnp.asarray(v) for k, v in
+def _kernels(params: Mapping) -> dict[Path, np.ndarray]:
+  return {"/".join(k[:-1]): np.asarray(v) for k, v in
           flax.traverse_util.flatten_dict(dict(params)).items()
           if k[-1] == "kernel"}
 
@@ -378,8 +417,8 @@ def weight_mse(params: Mapping, terms: Mapping[Path, Terms]) -> float | None:
   if not terms:
     return None
   kernels = _kernels(params)
-  sq = sum(float(jnp.sum((kernels[p] - sum(t)) ** 2)) for p, t in
-           terms.items())
+  sq = sum(float(np.sum((kernels[p].astype(np.float64) - sum(t)) ** 2))
+           for p, t in terms.items())
   return sq / sum(kernels[p].size for p in terms)
 
 
@@ -393,7 +432,7 @@ def _with_kernels(variables: Mapping, kernels: Mapping[Path, jax.Array]
 
 def _without_biases(variables: Mapping) -> dict:
   params = jax.tree_util.tree_map_with_path(
-      lambda path, x: jnp.zeros_like(x) if path[-1].key == "bias" else x,
+      lambda path, x: np.zeros_like(x) if path[-1].key == "bias" else x,
       variables["params"])
   return {**variables, "params": params}
 
@@ -425,19 +464,24 @@ def calibration_images(config: ml_collections.ConfigDict) -> list[np.ndarray]:
 def _max_ranges(per_batch: Sequence[Mapping]) -> dict:
   """Elementwise max over batches of each range (min for ``*_min``)."""
   def pick(path, *leaves):
-    op = jnp.minimum if path[-1].key.endswith("_min") else jnp.maximum
+    op = np.minimum if path[-1].key.endswith("_min") else np.maximum
     return functools.reduce(op, leaves)
   return jax.tree_util.tree_map_with_path(pick, *per_batch)
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _batch_ranges(variables: Mapping, x: jax.Array, *, model: nn.Module
+                  ) -> dict:
+  """``quant_stats`` after one calibration batch (static `model`: the
+  compilation is shared by every run with an equal model)."""
+  _, new = model.apply(variables, x, train=False, mutable=[STATS])
+  return new[STATS]
 
 
 def calibrate(model: nn.Module, members: Sequence[Mapping], init_stats: Mapping,
               images: Sequence[np.ndarray], mode: str) -> list[dict]:
   """Each member's variables with its ``quant_stats`` calibrated."""
-  @jax.jit
-  def ranges(variables, x):
-    _, new = model.apply(variables, x, train=False, mutable=[STATS])
-    return new[STATS]
-
+  ranges = functools.partial(_batch_ranges, model=model)
   out = []
   for v in members:
     if mode == "ema":
@@ -477,13 +521,14 @@ def initial_borders(spec: ModelQuant, stats: Mapping, folded: Mapping,
     qp = _input_qparams(spec, stats, path)
     w_hat = sum(terms[path]) if path in terms else w
     alpha, beta = aquant.init_border(w, w_hat)
-    out[path] = {"scale": jnp.reshape(qp.scale, ()),
-                 "qmin": jnp.float32(qp.qmin), "qmax": jnp.float32(qp.qmax),
+    out[path] = {"scale": np.reshape(qp.scale, ()),
+                 "qmin": np.float32(qp.qmin), "qmax": np.float32(qp.qmax),
                  "alpha": alpha, "beta": beta}
   return out
 
 
-def _nest(flat: Mapping[Path, dict]) -> dict:
+def nest_by_path(flat: Mapping[Path, dict]) -> dict:
+  """``{'a/b': {name: x}}`` -> ``{'a': {'b': {name: x}}}`` (a collection)."""
   return flax.traverse_util.unflatten_dict(
       {(*p.split("/"), k): v for p, d in flat.items() for k, v in d.items()})
 
@@ -563,32 +608,30 @@ def aquant_members(config: ml_collections.ConfigDict, num_classes: int,
           "batch_stats": calibrated["batch_stats"]}
   if ptq.learn_border and borders:
     x = np.concatenate(images)[:ptq.border_examples]
-    borders = learn_borders(model, {**base, AQUANT: _nest(borders)}, x,
+    borders = learn_borders(model, {**base, AQUANT: nest_by_path(borders)}, x,
                             borders, folded, terms, ptq)
-  return model, [{**base, AQUANT: _nest(borders)}]
+  return model, [{**base, AQUANT: nest_by_path(borders)}]
 
 
 # ---------------------------------------------------------------------------
 # Evaluation, cost, the pipeline.
 # ---------------------------------------------------------------------------
 
-def _eval_step(model: nn.Module, interceptor: Callable | None,
-               num_classes: int) -> Callable:
-  """Jitted (members, batch) -> masked sums, as `train.evaluate` wants; the
-  logits are summed over the members."""
-  def step(members, batch):
-    ctx = (nn.intercept_methods(interceptor) if interceptor
-           else contextlib.nullcontext())
-    with ctx:
-      logits = sum(model.apply(v, batch["image"], train=False)
-                   for v in members)
-    mask = batch["mask"]
-    loss = train.cross_entropy(logits, batch["label"], num_classes, 0.0)
-    correct = jnp.argmax(logits, -1) == batch["label"]
-    return {"loss_sum": jnp.sum(loss * mask),
-            "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
-
-  return jax.jit(step)
+@functools.partial(jax.jit,
+                   static_argnames=("model", "use_aquant", "num_classes"))
+def _eval_sums(members: Sequence[Mapping], batch: Mapping, *,
+               model: nn.Module, use_aquant: bool, num_classes: int) -> dict:
+  """Masked sums as `train.evaluate` wants; the logits are summed over the
+  members. With `use_aquant` the inputs go through `aquant_interceptor`."""
+  ctx = (nn.intercept_methods(aquant_interceptor()) if use_aquant
+         else contextlib.nullcontext())
+  with ctx:
+    logits = sum(model.apply(v, batch["image"], train=False) for v in members)
+  mask = batch["mask"]
+  loss = train.cross_entropy(logits, batch["label"], num_classes, 0.0)
+  correct = jnp.argmax(logits, -1) == batch["label"]
+  return {"loss_sum": jnp.sum(loss * mask),
+          "correct": jnp.sum(correct * mask), "count": jnp.sum(mask)}
 
 
 def ptq_cost(config: ml_collections.ConfigDict, num_classes: int,
@@ -634,11 +677,9 @@ def run_ptq(config: ml_collections.ConfigDict, checkpoint_dir: str | None,
   info = data_lib.get_info(config.dataset, config.data_dir)
   model = _create_model(config, info.num_classes,
                         ptq_model_quant(spec, ptq.ema_decay))
-  shapes = jax.eval_shape(
-      functools.partial(model.init, train=False), jax.random.key(0),
-      jax.ShapeDtypeStruct((1, *info.image_shape), jnp.float32))
+  shapes, module_order = init_shapes(model, info.image_shape)
   float_vars = train.load_float_variables(checkpoint_dir)
-  check_checkpoint(shapes, float_vars, checkpoint_dir,
+  check_checkpoint(shapes, module_order, float_vars, checkpoint_dir,
                    f"model={config.model!r}, width={config.width!r}")
   data_lib.ensure_prepared(config.dataset, config.data_dir)
 
@@ -648,21 +689,21 @@ def run_ptq(config: ml_collections.ConfigDict, checkpoint_dir: str | None,
   members = member_variables(folded, terms, ptq.execution == "ensemble")
   images = calibration_images(config)
   if STATS in shapes:
-    init_stats = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+    init_stats = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
                               shapes[STATS])
     members = calibrate(model, members, init_stats, images, ptq.calibration)
-  eval_model, interceptor = model, None
+  eval_model = model
   if ptq.method == "aquant":
     eval_model, members = aquant_members(config, info.num_classes, spec,
                                          members[0], folded, terms, images)
-    interceptor = aquant_interceptor()
   ptq_time = time.time() - t_ptq
   logging.info("PTQ %s (%s) done in %.1f s; evaluating", ptq.method,
                config.quant, ptq_time)
 
-  result = train.evaluate(members, _eval_step(eval_model, interceptor,
-                                              info.num_classes),
-                          config, lambda batch: batch)
+  eval_fn = functools.partial(_eval_sums, model=eval_model,
+                              use_aquant=ptq.method == "aquant",
+                              num_classes=info.num_classes)
+  result = train.evaluate(members, eval_fn, config, lambda batch: batch)
   cost, stored_bits = ptq_cost(config, info.num_classes, info.image_shape,
                                spec, terms)
   result.update(
