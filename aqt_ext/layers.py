@@ -134,7 +134,7 @@ def _check_int_layouts(x_q: Quantized, w_q: Quantized, conv: bool):
                      "'per_tensor', 'per_channel'")
 
 
-def _int_dense(x_q: Quantized, w_q: Quantized, out_dtype) -> jax.Array:
+def int_dense(x_q: Quantized, w_q: Quantized, out_dtype) -> jax.Array:
   """Integer dense: int32 accumulation, then * s_x * s_w."""
   xi, wi = x_q.ints, w_q.ints
   if xi.dtype != wi.dtype:
@@ -209,7 +209,7 @@ class QuantDense(nn.Module):
     w_q = quant_operand(self, "kernel", kernel, cfg.weight, w_axes,
                         is_weight=True, want_int=want_int)
     if want_int:
-      y = _int_dense(x_q, w_q, inputs.dtype)
+      y = int_dense(x_q, w_q, inputs.dtype)
     else:
       y = lax.dot_general(x_q.fake, w_q.fake,
                           (((inputs.ndim - 1,), (0,)), ((), ())),
@@ -242,36 +242,10 @@ class QuantConv(nn.Module):
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
-    kernel_size = ((self.kernel_size,) if isinstance(self.kernel_size, int)
-                   else tuple(self.kernel_size))
-    nsp = len(kernel_size)
-
-    def tup(v, name):
-      if v is None:
-        return (1,) * nsp
-      if isinstance(v, int):
-        return (v,) * nsp
-      if len(v) != nsp:
-        raise ValueError(f"QuantConv.{name}={v!r} must have {nsp} entries")
-      return tuple(v)
-
-    if isinstance(self.padding, str) and self.padding not in ("SAME",
-                                                               "VALID"):
-      raise ValueError(f"QuantConv.padding={self.padding!r} is not supported;"
-                       " allowed: 'SAME', 'VALID', int or (lo, hi) pairs")
-    padding = canonicalize_padding(self.padding, nsp)
-    # Flatten any leading batch dims into one; add one if there is none.
-    batch_shape = inputs.shape[:-(nsp + 1)]
-    x = inputs.reshape((-1,) + inputs.shape[-(nsp + 1):])
-    in_features = x.shape[-1]
-    if in_features % self.feature_group_count:
-      raise ValueError(
-          f"QuantConv.feature_group_count={self.feature_group_count} must "
-          f"divide the input features ({in_features})")
-    kernel = self.param(
-        "kernel", self.kernel_init,
-        kernel_size + (in_features // self.feature_group_count,
-                       self.features), self.param_dtype)
+    x, batch_shape, kernel_shape, conv = conv_geometry(self, inputs)
+    nsp = len(kernel_shape) - 2
+    kernel = self.param("kernel", self.kernel_init, kernel_shape,
+                        self.param_dtype)
     bias = (self.param("bias", self.bias_init, (self.features,),
                        self.param_dtype) if self.use_bias else None)
     x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
@@ -284,23 +258,9 @@ class QuantConv(nn.Module):
                         want_int=want_int)
     w_q = quant_operand(self, "kernel", kernel, cfg.weight, w_axes,
                         is_weight=True, want_int=want_int)
-    dn = lax.conv_dimension_numbers(x.shape, kernel.shape,
-                                    _conv_spec(nsp))
-    conv = dict(window_strides=tup(self.strides, "strides"), padding=padding,
-                lhs_dilation=tup(self.input_dilation, "input_dilation"),
-                rhs_dilation=tup(self.kernel_dilation, "kernel_dilation"),
-                dimension_numbers=dn,
-                feature_group_count=self.feature_group_count)
     if want_int:
       _check_int_layouts(x_q, w_q, conv=True)
-      xi, wi = x_q.ints, w_q.ints
-      if xi.dtype != wi.dtype:
-        xi, wi = xi.astype(jnp.int16), wi.astype(jnp.int16)
-      acc = lax.conv_general_dilated(xi, wi, preferred_element_type=jnp.int32,
-                                     **conv)
-      sx, sw = x_q.qp.scale, w_q.qp.scale
-      y = (acc.astype(x.dtype) * sx.astype(x.dtype)
-           * sw.reshape(sw.shape[-1:]).astype(x.dtype))
+      y = int_conv(x_q, w_q, conv, x.dtype)
     else:
       y = lax.conv_general_dilated(x_q.fake, w_q.fake,
                                    precision=self.precision, **conv)
@@ -310,7 +270,62 @@ class QuantConv(nn.Module):
         y.shape[0],) else y
 
 
-def _conv_spec(nsp: int):
+def conv_geometry(mdl: "QuantConv", inputs: jax.Array):
+  """Validated geometry of a QuantConv call.
+
+  Returns (x, batch_shape, kernel_shape, conv_kwargs): the input with its
+  leading batch dims flattened into one, those dims, the kernel shape, and
+  the keyword arguments of `lax.conv_general_dilated`.
+  """
+  kernel_size = ((mdl.kernel_size,) if isinstance(mdl.kernel_size, int)
+                 else tuple(mdl.kernel_size))
+  nsp = len(kernel_size)
+
+  def tup(v, name):
+    if v is None:
+      return (1,) * nsp
+    if isinstance(v, int):
+      return (v,) * nsp
+    if len(v) != nsp:
+      raise ValueError(f"QuantConv.{name}={v!r} must have {nsp} entries")
+    return tuple(v)
+
+  if isinstance(mdl.padding, str) and mdl.padding not in ("SAME", "VALID"):
+    raise ValueError(f"QuantConv.padding={mdl.padding!r} is not supported;"
+                     " allowed: 'SAME', 'VALID', int or (lo, hi) pairs")
+  batch_shape = inputs.shape[:-(nsp + 1)]
+  x = inputs.reshape((-1,) + inputs.shape[-(nsp + 1):])
+  in_features = x.shape[-1]
+  if in_features % mdl.feature_group_count:
+    raise ValueError(
+        f"QuantConv.feature_group_count={mdl.feature_group_count} must "
+        f"divide the input features ({in_features})")
+  kernel_shape = kernel_size + (in_features // mdl.feature_group_count,
+                                mdl.features)
+  conv = dict(window_strides=tup(mdl.strides, "strides"),
+              padding=canonicalize_padding(mdl.padding, nsp),
+              lhs_dilation=tup(mdl.input_dilation, "input_dilation"),
+              rhs_dilation=tup(mdl.kernel_dilation, "kernel_dilation"),
+              dimension_numbers=lax.conv_dimension_numbers(
+                  x.shape, kernel_shape, conv_spec(nsp)),
+              feature_group_count=mdl.feature_group_count)
+  return x, batch_shape, kernel_shape, conv
+
+
+def int_conv(x_q: Quantized, w_q: Quantized, conv: dict, out_dtype
+             ) -> jax.Array:
+  """Integer convolution: int32 accumulation, then * s_x * s_w."""
+  xi, wi = x_q.ints, w_q.ints
+  if xi.dtype != wi.dtype:
+    xi, wi = xi.astype(jnp.int16), wi.astype(jnp.int16)
+  acc = lax.conv_general_dilated(xi, wi, preferred_element_type=jnp.int32,
+                                 **conv)
+  sx, sw = x_q.qp.scale, w_q.qp.scale
+  return (acc.astype(out_dtype) * sx.astype(out_dtype)
+          * sw.reshape(sw.shape[-1:]).astype(out_dtype))
+
+
+def conv_spec(nsp: int):
   sp = "HWDXYZ"[:nsp] if nsp <= 3 else None
   if sp is None:
     raise ValueError(f"QuantConv supports 1-3 spatial dims, got {nsp}")

@@ -75,13 +75,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.linen.dtypes import promote_dtype
-from flax.linen.linear import canonicalize_padding
-from jax import lax
 
 from aqt_ext import quantizers as qz
 from aqt_ext.config import LayerQuant, ModelQuant, TensorQuant
-from aqt_ext.layers import (STATS, QuantConv, QuantDense, Quantized, _conv_spec,
-                            _int_dense, quant_operand, resolve_quant)
+from aqt_ext.layers import (STATS, QuantConv, QuantDense, Quantized,
+                            conv_geometry, int_conv, int_dense,
+                            quant_operand, resolve_quant)
 from aqt_ext.rules import QuantDotGeneral, int_dot_general
 from aqt_ext.train import QUANT_PARAM_RE
 
@@ -197,35 +196,6 @@ def check_servable(cfg: LayerQuant, kind: str, path: str) -> None:
         f"{cfg.input.calibration!r}); allowed: 'per_tensor'")
 
 
-def _per_dim(v, n: int) -> tuple[int, ...]:
-  """A conv setting (None, int or sequence) as one int per spatial dim."""
-  if v is None:
-    return (1,) * n
-  return (v,) * n if isinstance(v, int) else tuple(v)
-
-
-def _conv_geometry(mdl: QuantConv, inputs: jax.Array):
-  """QuantConv's batch flattening, kernel shape and lax arguments.
-
-  Returns (x, batch_shape, kernel_shape, conv_kwargs). Mirrors
-  `QuantConv.__call__`, which validated the same settings in training.
-  """
-  ks = ((mdl.kernel_size,) if isinstance(mdl.kernel_size, int)
-        else tuple(mdl.kernel_size))
-  nsp = len(ks)
-  batch_shape = inputs.shape[:-(nsp + 1)]
-  x = inputs.reshape((-1,) + inputs.shape[-(nsp + 1):])
-  kernel_shape = ks + (x.shape[-1] // mdl.feature_group_count, mdl.features)
-  conv = dict(window_strides=_per_dim(mdl.strides, nsp),
-              padding=canonicalize_padding(mdl.padding, nsp),
-              lhs_dilation=_per_dim(mdl.input_dilation, nsp),
-              rhs_dilation=_per_dim(mdl.kernel_dilation, nsp),
-              dimension_numbers=lax.conv_dimension_numbers(
-                  x.shape, kernel_shape, _conv_spec(nsp)),
-              feature_group_count=mdl.feature_group_count)
-  return x, batch_shape, kernel_shape, conv
-
-
 def _as_tuple(v) -> tuple:
   """An int or a sequence as a tuple (flax's canonicalisation)."""
   return tuple(v) if isinstance(v, Iterable) else (v,)
@@ -259,7 +229,7 @@ def _operands(mdl: nn.Module, kind: str, inputs: jax.Array) -> _Operands:
   ``promote_dtype``: the compute dtype, else that of input and params)."""
   dtype = mdl.dtype or jnp.result_type(inputs.dtype, mdl.param_dtype)
   if kind == "conv":
-    x, batch_shape, kshape, conv = _conv_geometry(mdl, inputs)
+    x, batch_shape, kshape, conv = conv_geometry(mdl, inputs)
     nsp = len(kshape) - 2
     return _Operands(x.astype(dtype), kshape,
                      qz.OperandAxes(tuple(range(1, nsp + 2)), nsp + 1),
@@ -512,19 +482,6 @@ def _serve_kernel(mdl: nn.Module, tq: TensorQuant, ops: _Operands
   return Quantized(None, ints, qp, tq.granularity == "per_group")
 
 
-def _int_conv(x_q: Quantized, w_q: Quantized, conv: dict, out_dtype
-              ) -> jax.Array:
-  """QuantConv's integer convolution: int32 accumulation, * s_x * s_w."""
-  xi, wi = x_q.ints, w_q.ints
-  if xi.dtype != wi.dtype:
-    xi, wi = xi.astype(jnp.int16), wi.astype(jnp.int16)
-  acc = lax.conv_general_dilated(xi, wi, preferred_element_type=jnp.int32,
-                                 **conv)
-  sx, sw = x_q.qp.scale, w_q.qp.scale
-  return (acc.astype(out_dtype) * sx.astype(out_dtype)
-          * sw.reshape(sw.shape[-1:]).astype(out_dtype))
-
-
 def _bias(mdl: nn.Module) -> jax.Array | None:
   return mdl.get_variable("params", "bias") if mdl.use_bias else None
 
@@ -535,7 +492,7 @@ def _int_forward(mdl: nn.Module, kind: str, ops: _Operands, x_q: Quantized,
   the bias, the layer's output layout."""
   dtype, bias = ops.x.dtype, _bias(mdl)
   if kind == "dense":
-    y = _int_dense(x_q, w_q, dtype)
+    y = int_dense(x_q, w_q, dtype)
     return y if bias is None else y + bias.astype(dtype).reshape(
         (1,) * (y.ndim - 1) + (-1,))
   if kind == "dense_general":
@@ -546,7 +503,7 @@ def _int_forward(mdl: nn.Module, kind: str, ops: _Operands, x_q: Quantized,
     expanded = tuple(ops.x.shape[a] if a in batch else 1
                      for a in range(ops.x.ndim) if a not in axis)
     return y + bias.astype(dtype).reshape(expanded + features)
-  y = _int_conv(x_q, w_q, ops.conv, dtype)
+  y = int_conv(x_q, w_q, ops.conv, dtype)
   if bias is not None:
     y = y + bias.astype(dtype).reshape((1,) * (y.ndim - 1) + (-1,))
   return y.reshape(ops.batch_shape + y.shape[1:]) if ops.batch_shape != (
