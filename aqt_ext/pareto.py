@@ -152,6 +152,10 @@ def _accuracy_cell(row: Row) -> str:
   return f"{mean} ± {50 * (row.accuracy_max - row.accuracy_min):.2f}"
 
 
+def _first_line(text: str | None) -> str:
+  return text.splitlines()[0] if text else ""
+
+
 def _frontier_cell(row: Row) -> str:
   return ", ".join(name for name, on in (("BOPs", row.on_bops_frontier),
                                          ("bits", row.on_weight_bits_frontier))
@@ -176,8 +180,7 @@ def summary_markdown(rows: Sequence[Row],
   if failed:
     lines += ["", f"Failed points ({len(failed)}; retried on the next run):",
               ""]
-    lines += [f"- `{f['id']}`: {f['error'].splitlines()[0] if f['error'] else ''}"
-              for f in failed]
+    lines += [f"- `{f['id']}`: {_first_line(f.get('error'))}" for f in failed]
   return "\n".join(lines) + "\n"
 
 
@@ -266,6 +269,7 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
   os.makedirs(directory, exist_ok=True)
   with tempfile.NamedTemporaryFile("wb", dir=directory, delete=False,
                                    suffix=".tmp") as f:
+    os.fchmod(f.fileno(), 0o644)  # a temp file starts at 0o600
     f.write(data)
     f.flush()
     os.fsync(f.fileno())

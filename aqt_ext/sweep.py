@@ -65,7 +65,7 @@ Beyond one machine (SLURM; the cluster file system must support flock)::
   python scripts/slurm_sweep.py --config=configs/sweep_fashion_mnist.py \\
       --workdir=/shared/sweep --sbatch=time=04:00:00 --sbatch=gres=gpu:1 \\
       > sweep.sbatch
-  sbatch sweep.sbatch  # array task i: python -m aqt_ext.sweep ... --point_index=i
+  sbatch sweep.sbatch  # task i: python -m aqt_ext.sweep ... --point_index=i
   python -m aqt_ext.sweep --workdir=/shared/sweep --analyze_only  # when done
 
 Array tasks share the results layout above; a requeued or resubmitted task
@@ -189,9 +189,13 @@ def _field_error(field: str, value: Any, allowed: str) -> ValueError:
                     f"{allowed}")
 
 
-def _check_axes(sweep: ml_collections.ConfigDict) -> None:
-  """Checks every axis value, naming the field and the allowed values."""
+def _check_sweep(sweep: ml_collections.ConfigDict) -> None:
+  """Checks `base` and every axis value, naming the field and the allowed
+  values."""
   from aqt_ext import models  # pylint: disable=g-import-not-at-top
+  if not isinstance(sweep.get("base"), ml_collections.ConfigDict):
+    raise ValueError("config.base must be a training ConfigDict (the fields "
+                     "of configs/base.py)")
   for axis in ("models", "quants", "first_last", "methods", "seeds"):
     if axis not in sweep or not sweep[axis]:
       raise ValueError(f"config.{axis} must be a non-empty list")
@@ -228,7 +232,7 @@ def make_points(sweep: ml_collections.ConfigDict) -> list[Point]:
   Order: models, quants, first_last, methods, seeds (seeds vary fastest); a
   point's index in this list is its ``--point_index``.
   """
-  _check_axes(sweep)
+  _check_sweep(sweep)
   points: dict[str, Point] = {}
   for (model, width), quant, fl, method, seed in itertools.product(
       sweep.models, sweep.quants, sweep.first_last, sweep.methods,
@@ -438,7 +442,9 @@ def config_args(argv: Sequence[str]) -> list[str]:
 
 def probe_devices() -> tuple[str, int]:
   """(JAX default backend, local device count), probed in a subprocess so
-  that this process never holds an accelerator."""
+  that this process never holds an accelerator; JAX_PLATFORMS=cpu skips it."""
+  if os.environ.get("JAX_PLATFORMS") == "cpu":
+    return "cpu", 1
   code = "import jax; print(jax.default_backend(), jax.local_device_count())"
   out = subprocess.run([sys.executable, "-c", code], check=True, text=True,
                        capture_output=True).stdout.split()
@@ -522,12 +528,12 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
   raise SystemExit(128 + signum)
 
 
-def run_local(sweep: ml_collections.ConfigDict, sweep_dir: str,
+def run_local(points: Sequence[Point], sweep_dir: str,
               worker_args: Sequence[str], parallel: int | None) -> int:
-  """Runs the unfinished points in `parallel` worker processes, each
-  ``python -m aqt_ext.sweep <worker_args> --point_index=I``. Returns the
-  number of points that failed."""
-  points = make_points(sweep)
+  """Runs the unfinished `points` in `parallel` worker processes, each
+  ``python -m aqt_ext.sweep <worker_args> --point_index=I`` (`worker_args`
+  must give the config these points came from). Returns the number of
+  points that failed."""
   latest = latest_records(read_results(os.path.join(sweep_dir,
                                                     RESULTS_FILE))[0])
   todo = [i for i, p in enumerate(points)
@@ -632,10 +638,9 @@ def define_flags() -> None:
   flags.mark_flags_as_required(["workdir"])
 
 
-def _run_one(sweep: ml_collections.ConfigDict, sweep_dir: str,
-             index: int) -> int:
+def _run_one(points: Sequence[Point], base: ml_collections.ConfigDict,
+             sweep_dir: str, index: int) -> int:
   """Worker: runs point `index`; exit status 0 or EXIT_POINT_FAILED."""
-  points = make_points(sweep)
   if index >= len(points):
     raise ValueError(f"--point_index={index} is out of range; allowed: 0.."
                      f"{len(points) - 1} ({len(points)} points)")
@@ -645,7 +650,7 @@ def _run_one(sweep: ml_collections.ConfigDict, sweep_dir: str,
                       os.path.join(sweep_dir, JAX_CACHE_DIR))
   point = points[index]
   print(f"point {index}: {point.id}", flush=True)
-  status = run_point(point, sweep.base, sweep_dir)
+  status = run_point(point, base, sweep_dir)
   print(f"point {index}: {status}", flush=True)
   return EXIT_POINT_FAILED if status == "failed" else 0
 
@@ -660,12 +665,13 @@ def main(argv: Sequence[str]) -> int:
     return 0
   if f.config is None:
     raise app.UsageError("--config is required unless --analyze_only")
+  points = make_points(f.config)
   os.makedirs(sweep_dir, exist_ok=True)
   check_and_save_config(f.config, sweep_dir)
   if f.point_index is not None:
-    return _run_one(f.config, sweep_dir, f.point_index)
+    return _run_one(points, f.config.base, sweep_dir, f.point_index)
   t0 = time.time()
-  failures = run_local(f.config, sweep_dir, config_args(sys.argv[1:]),
+  failures = run_local(points, sweep_dir, config_args(sys.argv[1:]),
                        f.parallel)
   print(analyze(sweep_dir), end="", flush=True)
   print(f"sweep done in {_hms(time.time() - t0)}; {failures} point(s) failed"

@@ -21,7 +21,8 @@ from ml_collections import config_flags
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # sweep configs import `configs.base`
 
-from aqt_ext import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable-next=g-import-not-at-top,wrong-import-position
+from aqt_ext import sweep
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Sweep config file.",

@@ -1,0 +1,396 @@
+"""Pareto sweep: points, frontier, results.jsonl safety, kill-and-rerun,
+failures, SLURM array tasks, --analyze_only.
+
+The sweeps here train tiny points (cifar_resnet8 x0.25, w4a4, 256 training
+examples, 32 steps) in worker subprocesses that share one XLA compilation
+cache; all use the same training config (the step count is baked into the
+compiled train step), so only the first point compiles.
+"""
+
+import importlib.util
+import json
+import multiprocessing
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from aqt_ext import pareto, sweep
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TINY_BASE = dict(dataset="fashion_mnist", batch_size=32, eval_batch_size=250,
+                 num_train_examples=256, num_eval_examples=250,
+                 num_epochs=4.0, warmup_epochs=0.5, learning_rate=0.05,
+                 log_every_steps=8, checkpoint_every_steps=4, augment=False)
+GOOD = ("cifar_resnet8", 0.25)
+TOO_NARROW = ("cifar_resnet8", 0.04)  # 0 channels: fails in model init
+
+
+def write_sweep_config(path, models, seeds, **base):
+  path.write_text(f"""
+import ml_collections
+from configs import base
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.base = base.get_config()
+  c.base.update({dict(TINY_BASE, **base)!r})
+  c.models = {tuple(models)!r}
+  c.quants = ("w4a4",)
+  c.first_last = (None,)
+  c.methods = ("uniform",)
+  c.seeds = {tuple(seeds)!r}
+  return c
+""")
+  return path
+
+
+def load_config(path, data_dir):
+  spec = importlib.util.spec_from_file_location("sweep_cfg", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.base.data_dir = str(data_dir)
+  return c
+
+
+@pytest.fixture(scope="session")
+def worker_env(tmp_path_factory):
+  """Environment of sweep subprocesses: one shared compilation cache."""
+  return {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+          "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla"))}
+
+
+def sweep_cmd(config_path, workdir, data_dir, *extra):
+  return [sys.executable, "-m", "aqt_ext.sweep", f"--config={config_path}",
+          f"--config.base.data_dir={data_dir}", f"--workdir={workdir}",
+          *extra]
+
+
+def lines_of(workdir):
+  records, problems = sweep.read_results(str(workdir / "results.jsonl"))
+  assert not problems
+  return records
+
+
+def statuses(records, point_id):
+  return [r["status"] for r in records if r["id"] == point_id]
+
+
+# ---------------------------------------------------------------------------
+# Pure: points, frontier, aggregation.
+# ---------------------------------------------------------------------------
+
+def test_points_product_ids_and_validation():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict(dict(
+      base=dict(num_epochs=1.0),
+      models=(("cifar_resnet8", 0.5), ("cifar_resnet14", 1)),
+      quants=("float", "w4a4"), first_last=(None, 8),
+      methods=("uniform", "lsq"), seeds=(0, 1)))
+  points = sweep.make_points(c)
+  # float ignores method and first/last: 2 models x (1 + 4) x 2 seeds.
+  assert len(points) == 20
+  assert len({p.id for p in points}) == 20
+  specs = sorted({p.spec for p in points})
+  assert specs == ["float", "lsq:w4a4", "lsq:w4a4_fl8", "w4a4", "w4a4_fl8"]
+  p = points[0]
+  assert p.id.startswith("cifar_resnet8-x0.5-float-s0-") and p.method is None
+  # Stable: the id depends on the axes only; width 1 == 1.0.
+  assert sweep.Point("cifar_resnet14", 1.0, "w4a4", 8, "lsq", 1).id in {
+      q.id for q in points}
+  base = ml_collections.ConfigDict(dict(model="x", width=0.0, quant="",
+                                        seed=9, num_epochs=3.0))
+  cfg = points[-1].config(base)
+  assert (cfg.model, cfg.width, cfg.quant, cfg.seed, cfg.num_epochs) == (
+      "cifar_resnet14", 1.0, "lsq:w4a4_fl8", 1, 3.0)
+  assert base.model == "x"
+  for field, value, msg in [
+      ("quants", ("lsq:w4a4",), r"config.quants\[0\]='lsq:w4a4'.*allowed"),
+      ("quants", ("w9a9",), "invalid spec 'w9a9'"),
+      ("methods", ("uniform", "ptq9"), r"config.methods\[1\]='ptq9'.*'lsq'"),
+      ("models", (("resnet9", 1.0),), r"config.models\[0\].*'cifar_resnet8'"),
+      ("first_last", (1,), r"config.first_last\[0\]=1.*None or an int"),
+      ("seeds", (-1,), r"config.seeds\[0\]=-1.*>= 0"),
+      ("seeds", (), "config.seeds must be a non-empty list"),
+      ("base", None, "config.base must be a training ConfigDict")]:
+    bad = ml_collections.ConfigDict(c.to_dict())
+    bad[field] = value
+    with pytest.raises(ValueError, match=msg):
+      sweep.make_points(bad)
+
+
+def test_frontier_with_ties_and_dominated_points():
+  costs = [1, 2, 2, 3, 2, 4, 0.5, 4, 5]
+  acc = [.5, .7, .6, .7, .7, .9, .4, .9, .85]
+  # (2,.6) and (3,.7) are dominated by (2,.7); the tie (2,.7)/(2,.7) and the
+  # tie (4,.9)/(4,.9) stay; (5,.85) is dominated by (4,.9).
+  assert pareto.frontier_mask(costs, acc) == [
+      True, True, False, False, True, True, True, True, False]
+  assert pareto.frontier_mask([], []) == []
+  with pytest.raises(ValueError, match="same length"):
+    pareto.frontier_mask([1], [])
+
+
+def record(model, width, quant, seed, acc, macs, weights, bits, method=None):
+  p = sweep.Point(model, width, quant, None, method, seed)
+  return {"id": p.id, "axes": p.axes, "spec": p.spec, "status": "ok",
+          "eval_accuracy": acc, "macs": macs, "bops": macs * bits * bits,
+          "weight_bits": weights * bits,
+          "config": {"dataset": "fashion_mnist"}}
+
+
+def test_aggregate_over_seeds_before_the_frontier():
+  rows = pareto.summarize([
+      record("cifar_resnet8", 0.5, "w4a4", 0, 0.9, 100, 10, 4, "uniform"),
+      record("cifar_resnet8", 0.5, "w4a4", 1, 0.5, 100, 10, 4, "uniform"),
+      record("cifar_resnet8", 0.5, "w4a4", 1, 0.8, 100, 10, 4, "lsq"),
+      record("cifar_resnet8", 0.25, "float", 0, 0.6, 4, 2, 16)])
+  by_spec = {r.spec: r for r in rows}
+  u = by_spec["w4a4"]
+  assert (u.seeds, u.accuracy, u.accuracy_min, u.accuracy_max) == (
+      2, pytest.approx(0.7), 0.5, 0.9)
+  # On the mean, lsq (0.8) dominates uniform (0.7) at equal cost, although
+  # uniform's best seed (0.9) is higher.
+  assert not u.on_bops_frontier and not u.on_weight_bits_frontier
+  assert by_spec["lsq:w4a4"].on_bops_frontier
+  f = by_spec["float"]  # cheaper and worse: on both frontiers
+  assert f.on_bops_frontier and f.on_weight_bits_frontier and f.seeds == 1
+  # Sorted by BOPs (1024 < 1600), then by accuracy.
+  assert [r.spec for r in rows] == ["float", "lsq:w4a4", "w4a4"]
+  table = pareto.summary_markdown(rows)
+  assert "| cifar_resnet8 | 0.5 | w4a4 | uniform | 2 | 70.00 ± 20.00 |" in \
+      table
+
+
+# ---------------------------------------------------------------------------
+# results.jsonl.
+# ---------------------------------------------------------------------------
+
+def _append_many(path, barrier, writer, n):
+  barrier.wait()  # all writers start at once
+  for i in range(n):
+    sweep.append_record(path, {"id": f"{writer}-{i}",
+                               "pad": "x" * (3000 + 7 * i)})
+
+
+def test_concurrent_appends_keep_every_line(tmp_path):
+  path = tmp_path / "results.jsonl"
+  writers, n = 4, 150
+  ctx = multiprocessing.get_context("fork")  # no re-import: starts at once
+  barrier = ctx.Barrier(writers)
+  procs = [ctx.Process(target=_append_many, args=(str(path), barrier, w, n))
+           for w in range(writers)]
+  for p in procs:
+    p.start()
+  for p in procs:
+    p.join(120)
+  assert [p.exitcode for p in procs] == [0] * writers
+  raw = path.read_bytes().split(b"\n")
+  assert raw[-1] == b"" and len(raw) == writers * n + 1
+  ids = [json.loads(line)["id"] for line in raw[:-1]]
+  assert sorted(ids) == sorted(f"{w}-{i}" for w in range(writers)
+                               for i in range(n))
+
+
+def test_truncated_last_line_is_reported_and_next_append_is_clean(tmp_path):
+  path = str(tmp_path / "results.jsonl")
+  sweep.append_record(path, {"id": "a", "status": "ok"})
+  with open(path, "ab") as f:
+    f.write(b'{"id": "b", "stat')  # a writer died mid-line
+  records, problems = sweep.read_results(path)
+  assert [r["id"] for r in records] == ["a"]
+  assert len(problems) == 1 and "truncated last line" in problems[0]
+  sweep.append_record(path, {"id": "c", "status": "ok"})
+  records, problems = sweep.read_results(path)
+  assert [r["id"] for r in records] == ["a", "c"]
+  assert len(problems) == 1 and ":2: invalid line" in problems[0]
+
+
+def test_result_without_line_is_recovered_once_under_the_point_lock(
+    tmp_path):
+  point = sweep.Point("cifar_resnet8", 0.25, "w4a4", None, "uniform", 0)
+  workdir = pathlib.Path(sweep.point_workdir(str(tmp_path), point))
+  workdir.mkdir(parents=True)
+  # Killed between result.json and its line.
+  (workdir / "result.json").write_text(json.dumps(
+      {"eval_accuracy": 0.5, "macs": 1, "bops": 16, "weight_bits": 4}))
+  out = {}
+
+  def run():
+    out["status"] = sweep.run_point(point, None, str(tmp_path))
+
+  with sweep.point_lock(str(workdir)):  # e.g. an orphaned worker holds it
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(0.5)
+    assert t.is_alive() and not (tmp_path / "results.jsonl").exists()
+  t.join(10)
+  assert out["status"] == "recovered"
+  assert sweep.run_point(point, None, str(tmp_path)) == "skipped"
+  assert statuses(lines_of(tmp_path), point.id) == ["ok"]
+
+
+def test_changed_base_is_refused(tmp_path):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict(dict(base=dict(num_epochs=2.0), seeds=(0,)))
+  sweep.check_and_save_config(c, str(tmp_path))
+  c.seeds = (0, 1)  # more points: fine
+  sweep.check_and_save_config(c, str(tmp_path))
+  c.base.num_epochs = 3.0
+  with pytest.raises(ValueError, match=r"config.base.num_epochs: 2.0 saved"):
+    sweep.check_and_save_config(c, str(tmp_path))
+
+
+# ---------------------------------------------------------------------------
+# Real sweeps (subprocesses).
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def failed_sweep(fashion_mnist_dir, worker_env, tmp_path_factory):
+  """A finished sweep of one good and one failing point (2 workers)."""
+  tmp = tmp_path_factory.mktemp("failed_sweep")
+  config = write_sweep_config(tmp / "sweep_cfg.py", [GOOD, TOO_NARROW], [0])
+  workdir = tmp / "sweep"
+  run = subprocess.run(sweep_cmd(config, workdir, fashion_mnist_dir,
+                                 "--parallel=2"),
+                       env=worker_env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=400)
+  points = sweep.make_points(load_config(config, fashion_mnist_dir))
+  return workdir, config, run, points
+
+
+def test_failing_point_is_recorded_and_the_others_finish(failed_sweep):
+  workdir, _, run, (good, bad) = failed_sweep
+  assert run.returncode == 1, run.stderr[-3000:]
+  records = lines_of(workdir)
+  assert statuses(records, good.id) == ["ok"]
+  failed = [r for r in records if r["id"] == bad.id][0]
+  assert failed["status"] == "failed" and "width=0.04" in failed["error"]
+  assert "Traceback" in failed["traceback"]
+  assert (workdir / "points" / good.id / "result.json").exists()
+  assert "[2/2]" in run.stdout and "ETA" in run.stdout
+  summary = (workdir / "summary.md").read_text()
+  assert f"`{bad.id}`: ValueError: width=0.04" in summary
+  assert "| cifar_resnet8 | 0.25 | w4a4 | uniform | 1 |" in summary
+
+
+def test_slurm_array_tasks_run_points_by_index(failed_sweep, fashion_mnist_dir,
+                                               worker_env, tmp_path):
+  workdir, config, _, (good, bad) = failed_sweep
+  gen = subprocess.run(
+      [sys.executable, str(ROOT / "scripts" / "slurm_sweep.py"),
+       f"--config={config}", f"--config.base.data_dir={fashion_mnist_dir}",
+       f"--workdir={workdir}", "--sbatch=time=00:30:00",
+       "--sbatch=partition=cpu", "--max_parallel=4"],
+      env=worker_env, cwd=tmp_path, check=True, capture_output=True,
+      text=True)
+  script = gen.stdout
+  assert script.startswith("#!/bin/bash\n")
+  for line in ("#SBATCH --array=0-1%4", "#SBATCH --time=00:30:00",
+               "#SBATCH --partition=cpu",
+               f"#SBATCH --output={workdir}/slurm/%A_%a.out",
+               f"cd {ROOT}"):
+    assert line + "\n" in script
+  assert (workdir / "slurm").is_dir()
+  run_line = script.splitlines()[-1]
+  assert run_line.startswith(f"exec {sys.executable} -m aqt_ext.sweep "
+                             f"--config={config} --config.base.data_dir=")
+  assert run_line.endswith('--point_index="$SLURM_ARRAY_TASK_ID"')
+  (tmp_path / "sweep.sbatch").write_text(script)
+
+  def task(i):
+    return subprocess.run(["bash", str(tmp_path / "sweep.sbatch")],
+                          env={**worker_env, "SLURM_ARRAY_TASK_ID": str(i)},
+                          cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+
+  done = task(0)  # finished: exits at once
+  assert done.returncode == 0 and "point 0: skipped" in done.stdout
+  retried = task(1)  # failed: retried, fails again, exit status 3
+  assert retried.returncode == sweep.EXIT_POINT_FAILED, retried.stderr[-2000:]
+  records = lines_of(workdir)
+  assert statuses(records, good.id) == ["ok"]
+  assert statuses(records, bad.id) == ["failed", "failed"]
+
+
+def test_sigkill_and_rerun_loses_and_duplicates_no_point(
+    fashion_mnist_dir, worker_env, tmp_path):
+  # 2 points of 32 steps each, one worker: kill everything while the second
+  # trains, after the first finished.
+  config = write_sweep_config(tmp_path / "sweep_cfg.py", [GOOD], [0, 1])
+  first, second = sweep.make_points(load_config(config, fashion_mnist_dir))
+  workdir = tmp_path / "sweep"
+  cmd = sweep_cmd(config, workdir, fashion_mnist_dir, "--parallel=1")
+  proc = subprocess.Popen(cmd, env=worker_env, cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          start_new_session=True)
+  ckpts = workdir / "points" / second.id / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if any(p.name.isdigit() for p in ckpts.glob("*")):
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "sweep ended before it could be killed"
+  os.killpg(proc.pid, signal.SIGKILL)  # the driver and its worker
+  proc.wait()
+  assert statuses(lines_of(workdir), first.id) == ["ok"]
+  assert not (workdir / "points" / second.id / "result.json").exists()
+
+  rerun = subprocess.run(cmd, env=worker_env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert "2 points, 1 finished, 1 to run" in rerun.stdout
+  records = lines_of(workdir)
+  assert sorted(r["id"] for r in records) == sorted([first.id, second.id])
+  assert all(r["status"] == "ok" for r in records)
+  resumed = [r for r in records if r["id"] == second.id][0]
+  assert resumed["resumed_from_step"] >= 4 and resumed["steps"] == 32
+
+
+def test_analyze_only_redraws_from_results(tmp_path, worker_env):
+  path = str(tmp_path / "results.jsonl")
+  sizes = [("cifar_resnet8", 0.25, 1e6, 2e4), ("cifar_resnet8", 0.5, 4e6, 8e4),
+           ("cifar_resnet14", 0.5, 7e6, 15e4)]
+  acc = {("float", 0.25): .81, ("float", 0.5): .86, ("float", 14): .89,
+         ("w4a4", 0.25): .72, ("w4a4", 0.5): .845, ("w4a4", 14): .875}
+  for model, width, macs, weights in sizes:
+    for quant, bits in (("float", 16), ("w4a4", 4)):
+      key = (quant, 14 if model == "cifar_resnet14" else width)
+      for seed, delta in ((0, -0.01), (1, 0.01)):
+        sweep.append_record(path, record(
+            model, width, quant, seed, acc[key] + delta, macs, weights, bits,
+            None if quant == "float" else "uniform"))
+  bad = sweep.Point("cifar_resnet8", 0.04, "w4a4", None, "uniform", 0)
+  sweep.append_record(path, {"id": bad.id, "axes": bad.axes,
+                             "status": "failed", "error": "ValueError: x"})
+  with open(path, "ab") as f:
+    f.write(b'{"id": "cut')
+  for name in pareto.REPORT_FILES:
+    (tmp_path / name).write_text("stale")
+  run = subprocess.run([sys.executable, "-m", "aqt_ext.sweep",
+                        f"--workdir={tmp_path}", "--analyze_only"],
+                       env=worker_env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "truncated last line" in run.stderr
+  summary = (tmp_path / "summary.md").read_text()
+  assert run.stdout == summary
+  assert summary.count("| cifar_resnet") == 6
+  assert "| cifar_resnet14 | 0.5 | w4a4 | uniform | 2 | 87.50 ± 1.00 |" in \
+      summary
+  assert f"`{bad.id}`: ValueError: x" in summary
+  csv_rows = (tmp_path / "frontier.csv").read_text().splitlines()
+  # Frontier: the three w4a4 models, then float resnet14.
+  assert [r.split(",")[5] for r in csv_rows[1:]] == ["w4a4"] * 3 + ["float"]
+  assert csv_rows[-1].startswith("cifar_resnet14,0.5,float,,,float,2,")
+  assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert not list(tmp_path.glob("*.tmp"))
