@@ -119,7 +119,7 @@ CALIBRATIONS = ("ema", "max")
 AQUANT = "aquant"  # variable collection of the AQuant scales and borders
 
 Path = str  # '/'-joined module path, e.g. 'stage1_block0/conv2'
-Terms = list  # the dequantized kernel terms of one layer (one, or K for REx)
+Terms = list  # a layer's dequantized kernel terms (numpy): one, or K for REx
 Runner = Callable[[ml_collections.ConfigDict, str], dict]
 
 

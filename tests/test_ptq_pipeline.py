@@ -1,0 +1,265 @@
+"""PTQ pipeline: BN folding, checkpoint checks, option checks, and PTQ of a
+small float ResNet trained here for ~100 steps on real Fashion-MNIST."""
+
+import functools
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aqt_ext import models, train
+from aqt_ext.ptq import bn_fold, pipeline
+
+from test_train import tiny_config
+
+SCHEMA = ("eval_accuracy", "eval_loss", "eval_examples", "steps",
+          "wall_time_s", "config", "cost", "macs", "bops", "weight_bits",
+          "method", "ptq", "ptq_time_s", "weight_mse", "stored_weight_bits")
+
+
+def float_config(data_dir, **kw):
+  """A float cifar_resnet8 (width 0.5) on 2048 training examples."""
+  o = dict(model="cifar_resnet8", width=0.5, quant="float",
+           num_train_examples=2048, num_eval_examples=1000,
+           eval_batch_size=500, num_epochs=1.6, warmup_epochs=0.2,
+           learning_rate=0.05, augment=False, checkpoint_every_steps=1000,
+           log_every_steps=50, seed=0)
+  o.update(kw)
+  return tiny_config(data_dir, **o)
+
+
+def ptq_config(data_dir, quant="w8a8", **ptq):
+  c = pipeline.with_ptq_defaults(float_config(data_dir, quant=quant))
+  c.num_calibration_batches = 4
+  for key, value in ptq.items():
+    c.ptq[key] = value
+  return c
+
+
+def save_checkpoint(workdir, variables):
+  """A minimal float checkpoint as `train.load_float_variables` reads it."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  mgr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  mgr.save(1, args=ocp.args.StandardSave(dict(variables)))
+  mgr.wait_until_finished()
+
+
+def random_variables(model, seed=0):
+  """Variables of `model` drawn at random (no init compute): kernels
+  N(0, 0.3), BatchNorm scales and variances in [0.5, 2), biases and means in
+  [-0.3, 0.3)."""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(functools.partial(model.init, train=False),
+                          jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+
+  def draw(path, s):
+    name = path[-1].key
+    if name in ("scale", "var"):
+      return rng.uniform(0.5, 2.0, s.shape).astype(np.float32)
+    if name in ("bias", "mean"):
+      return rng.uniform(-0.3, 0.3, s.shape).astype(np.float32)
+    return (0.3 * rng.standard_normal(s.shape)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, dict(shapes))
+
+
+@pytest.fixture(scope="module")
+def float_run(fashion_mnist_dir, tmp_path_factory):
+  """(workdir, result) of a float model trained for 102 steps."""
+  workdir = str(tmp_path_factory.mktemp("float"))
+  result = train.train_and_evaluate(float_config(fashion_mnist_dir), workdir)
+  assert result["steps"] == 102
+  return workdir, result
+
+
+# ---------------------------------------------------------------------------
+# No data needed.
+# ---------------------------------------------------------------------------
+
+def test_bn_fold_leaves_float_outputs_unchanged():
+  model = models.create_model("cifar_resnet8", num_classes=10, width=0.5)
+  variables = random_variables(model)
+  folded = bn_fold.fold_batch_norm(variables, model.bn_epsilon)
+  pairs = bn_fold.find_conv_bn_pairs(variables["params"])
+  assert len(pairs) == 9  # stem, 3 blocks x 2 convs, 2 projections
+  assert (("stage1_block0", "proj_conv"), ("stage1_block0", "proj_bn")) in pairs
+  assert jax.tree.map(jnp.shape, folded) == jax.tree.map(jnp.shape, variables)
+  bn = folded["batch_stats"]["stage0_block0"]["bn1"]
+  np.testing.assert_array_equal(bn["mean"], 0.0)
+  np.testing.assert_allclose(bn["var"], 1.0 - model.bn_epsilon)
+  x = jax.random.normal(jax.random.key(2), (8, 28, 28, 1))
+  apply = jax.jit(functools.partial(model.apply, train=False))
+  before, after = apply(variables, x), apply(folded, x)
+  np.testing.assert_allclose(after, before, atol=1e-5 * float(
+      jnp.max(jnp.abs(before))))
+  assert not np.allclose(folded["params"]["conv_init"]["kernel"],
+                         variables["params"]["conv_init"]["kernel"])
+
+
+def test_checkpoint_mismatch_names_first_variable_and_shapes(tmp_path):
+  narrow = models.create_model("cifar_resnet8", num_classes=10, width=0.25)
+  save_checkpoint(tmp_path / "narrow", random_variables(narrow))
+  with pytest.raises(pipeline.CheckpointMismatchError) as e:
+    pipeline.run_ptq(ptq_config(tmp_path), str(tmp_path / "narrow"),
+                     str(tmp_path / "out"))
+  msg = str(e.value)
+  assert "'params/conv_init/kernel'" in msg
+  assert "(3, 3, 1, 4) in the checkpoint and (3, 3, 1, 8) in the model" in msg
+  # A deeper checkpoint: its extra variables are named, absent in the model.
+  deeper = models.create_model("cifar_resnet14", num_classes=10, width=0.5)
+  save_checkpoint(tmp_path / "deeper", random_variables(deeper))
+  with pytest.raises(pipeline.CheckpointMismatchError,
+                     match=r"'batch_stats/stage0_block1/bn1/mean' has shape "
+                     r"\(8,\) in the checkpoint and absent in the model"):
+    pipeline.run_ptq(ptq_config(tmp_path), str(tmp_path / "deeper"),
+                     str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()
+
+
+def test_rex_ensemble_members_split_the_terms():
+  model = models.create_model("cifar_resnet8", num_classes=10, width=0.5)
+  folded = bn_fold.fold_batch_norm(random_variables(model), model.bn_epsilon)
+  ptq = pipeline.ptq_defaults()
+  ptq.method, ptq.order = "rex", 3
+  terms = pipeline.quantize_params(folded["params"],
+                                   pipeline.spec_model_quant("w4a8"), ptq)
+  members = pipeline.member_variables(folded, terms, ensemble=True)
+  (summed,) = pipeline.member_variables(folded, terms, ensemble=False)
+  assert len(members) == 3
+  kernel = lambda v: v["params"]["stage0_block0"]["conv1"]["kernel"]  # noqa
+  np.testing.assert_allclose(sum(kernel(m) for m in members), kernel(summed),
+                             atol=1e-7)
+  bias = lambda v: v["params"]["stage0_block0"]["bn1"]["bias"]  # noqa
+  np.testing.assert_array_equal(bias(members[0]), bias(folded))
+  for m in members[1:]:  # residual copies: every bias zero
+    np.testing.assert_array_equal(bias(m), 0.0)
+    np.testing.assert_array_equal(m["params"]["head"]["bias"], 0.0)
+
+
+def test_aquant_interceptor_with_border_one_half_is_round_to_nearest():
+  """With alpha = beta = 0 (border 1/2) the interceptor's input rounding
+  gives the static uniform model's logits. (Ties differ: half up against
+  half to even. The full grid maps the calibrated absmax to a tie, so the
+  logits are compared on other images than the calibration ones.)"""
+  spec = pipeline.spec_model_quant("w4a4")
+  static, float_inputs = (models.create_model(
+      "cifar_resnet8", num_classes=10, width=0.5,
+      quant=pipeline.ptq_model_quant(spec, 0.9, f)) for f in (False, True))
+  variables = bn_fold.fold_batch_norm(random_variables(static), 1e-5)
+  shapes, _ = pipeline.init_shapes(static, (28, 28, 1))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       shapes["quant_stats"])
+  images = [np.random.default_rng(i).standard_normal((16, 28, 28, 1),
+                                                     np.float32)
+            for i in (1, 2)]
+  (calibrated,) = pipeline.calibrate(static, [variables], zeros, images[:1],
+                                     "max")
+  borders = pipeline.initial_borders(spec, calibrated["quant_stats"],
+                                     variables, {})
+  assert len(borders) == 10
+  half = {p: {**b, "alpha": 0 * b["alpha"], "beta": 0 * b["beta"]}
+          for p, b in borders.items()}
+  rtn = jax.jit(functools.partial(static.apply, train=False))(calibrated,
+                                                               images[1])
+
+  def aquant(v, x):
+    with nn.intercept_methods(pipeline.aquant_interceptor()):
+      return float_inputs.apply(v, x, train=False)
+
+  out = jax.jit(aquant)({"params": variables["params"],
+                         "batch_stats": variables["batch_stats"],
+                         pipeline.AQUANT: pipeline.nest_by_path(half)},
+                        images[1])
+  np.testing.assert_allclose(out, rtn, atol=1e-4 * float(
+      jnp.max(jnp.abs(rtn))))
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("method", "gptq", "'rtn', 'pwlq', 'rex', 'aquant'"),
+    ("breakpoint_ratio", 0.5, "(0.0, 0.5)"),
+    ("breakpoint_ratio", 0.0, "(0.0, 0.5)"),
+    ("breakpoint", "median", "'grid', 'gaussian', 'laplacian', 'bisection', "
+                             "'fixed'"),
+    ("order", 0, "ints >= 1"),
+    ("sparsity", 1.0, "[0.0, 1.0)"),
+    ("sparsity", -0.1, "[0.0, 1.0)"),
+    ("execution", "parallel", "'sum', 'ensemble'"),
+    ("granularity", "per_group", "'per_channel', 'per_tensor'"),
+])
+def test_invalid_options_refused_before_work(tmp_path, field, value, allowed):
+  config = ptq_config(tmp_path)
+  config.ptq[field] = value
+  with pytest.raises(ValueError) as e:
+    pipeline.run_ptq(config, str(tmp_path / "no_checkpoint"),
+                     str(tmp_path / "out"))
+  assert f"config.ptq.{field}={value!r}" in str(e.value)
+  assert allowed in str(e.value)
+  assert not (tmp_path / "out").exists()
+
+
+def test_invalid_quant_and_ensemble_combinations_refused(tmp_path):
+  for quant, ptq, msg in [
+      ("lsq:w4a4", {}, "config.quant='lsq:w4a4'"),
+      ("w4a8", {"execution": "ensemble", "method": "pwlq"},
+       "ensemble needs ptq.method='rex'"),
+      ("wfa8", {"execution": "ensemble", "method": "rex"},
+       "every layer's weights quantized")]:
+    with pytest.raises(ValueError, match=msg.replace("(", r"\(")):
+      pipeline.run_ptq(ptq_config(tmp_path, quant, **ptq),
+                       str(tmp_path / "no_checkpoint"), str(tmp_path / "o"))
+  with pytest.raises(ValueError, match="config.ptq.method='gptq'"):
+    pipeline.ptq_runner("gptq")
+
+
+# ---------------------------------------------------------------------------
+# On a trained float model.
+# ---------------------------------------------------------------------------
+
+def test_rtn_w8a8_close_to_float_and_result_schema(float_run,
+                                                   fashion_mnist_dir,
+                                                   tmp_path):
+  workdir, float_result = float_run
+  assert float_result["eval_accuracy"] > 0.3  # learned something
+  result = pipeline.run_ptq(ptq_config(fashion_mnist_dir, "w8a8"), workdir,
+                            str(tmp_path))
+  on_disk = json.loads((tmp_path / "result.json").read_text())
+  assert on_disk == json.loads(json.dumps(result, default=str))
+  for key in SCHEMA:
+    assert key in on_disk, key
+  assert on_disk["eval_examples"] == 1000 and on_disk["method"] == "rtn"
+  assert on_disk["config"]["quant"] == "w8a8" and on_disk["steps"] == 0
+  assert on_disk["bops"] == on_disk["macs"] * 64
+  assert abs(result["eval_accuracy"] - float_result["eval_accuracy"]) <= 0.005
+
+
+def test_pwlq_w4_weight_mse_below_rtn(float_run):
+  variables = train.load_float_variables(float_run[0])
+  folded = bn_fold.fold_batch_norm(variables, 1e-5)
+  spec = pipeline.spec_model_quant("w4a8")
+  mse = {}
+  for method in ("rtn", "pwlq"):
+    ptq = pipeline.ptq_defaults()
+    ptq.method = method
+    terms = pipeline.quantize_params(folded["params"], spec, ptq)
+    assert len(terms) == 10  # 9 convs and the head
+    mse[method] = pipeline.weight_mse(folded["params"], terms)
+  assert mse["pwlq"] < 0.5 * mse["rtn"], mse
+
+
+def test_rex_order_2_doubles_bops(float_run, fashion_mnist_dir, tmp_path):
+  results = {}
+  for order in (1, 2):
+    config = ptq_config(fashion_mnist_dir, "w4a8", method="rex", order=order,
+                        sparsity=0.0)
+    results[order] = pipeline.run_ptq(config, float_run[0],
+                                      str(tmp_path / str(order)))
+  one, two = results[1], results[2]
+  assert two["macs"] == one["macs"] and two["weight_bits"] == one["weight_bits"]
+  assert two["bops"] == 2 * one["bops"]
+  assert two["stored_weight_bits"] == 2 * one["stored_weight_bits"]
+  assert two["weight_mse"] < one["weight_mse"] / 20
+  assert two["ptq"]["order"] == 2 and two["method"] == "rex"
