@@ -268,11 +268,16 @@ def restore_checkpoint(mgr, state: TrainState) -> TrainState:
 def load_float_variables(workdir: str) -> dict:
   """Params and batch_stats of the latest checkpoint of a (float) run."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  mgr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-  step = mgr.latest_step()
+  directory = os.path.join(workdir, "checkpoints")
+  step = (ocp.CheckpointManager(directory).latest_step()
+          if os.path.isdir(directory) else None)
   if step is None:
-    raise CheckpointError(f"config.init_from={workdir!r} holds no checkpoint")
-  tree = mgr.restore(step, args=ocp.args.StandardRestore())
+    raise CheckpointError(
+        f"config.init_from={workdir!r} holds no checkpoint: it must be the "
+        "--workdir of a finished float run (e.g. of "
+        "configs/fashion_mnist_float.py), or unset to train from scratch")
+  tree = ocp.CheckpointManager(directory).restore(
+      step, args=ocp.args.StandardRestore())
   out = {"params": tree["params"]}
   if tree.get("batch_stats"):
     out["batch_stats"] = tree["batch_stats"]
@@ -336,6 +341,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
   validate_config(config)
   t_start = time.time()
+  # A missing float model is refused before the workdir is created.
+  float_vars = (load_float_variables(config.init_from) if config.init_from
+                else None)
   os.makedirs(workdir, exist_ok=True)
   data_lib.ensure_prepared(config.dataset, config.data_dir)
   info = data_lib.get_info(config.dataset, config.data_dir)
@@ -346,8 +354,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   total_steps = int(config.num_epochs * steps_per_epoch)
   model = create_model(config, info.num_classes)
 
-  float_vars = (load_float_variables(config.init_from) if config.init_from
-                else None)
   state, schedule = create_state(config, model, stream.batch(0)["image"],
                                  steps_per_epoch, float_vars)
   mgr = _checkpoint_manager(workdir, config)

@@ -220,6 +220,18 @@ def test_data_parallel_over_two_devices(fashion_mnist_dir, tmp_path):
   assert np.isfinite(result["eval_loss"])
 
 
+def test_init_from_without_checkpoint_is_refused(fashion_mnist_dir, tmp_path):
+  """A missing float model stops the run before anything is written."""
+  from aqt_ext import train  # pylint: disable=g-import-not-at-top
+  empty = tmp_path / "no_float_run"
+  empty.mkdir()
+  cfg = tiny_config(fashion_mnist_dir, init_from=str(empty))
+  with pytest.raises(train.CheckpointError, match="config.init_from="):
+    train.train_and_evaluate(cfg, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+  assert list(empty.iterdir()) == []  # nothing created in the named dir
+
+
 def test_qat_from_float_checkpoint(fashion_mnist_dir, tmp_path):
   """Float params load unchanged; LSQ steps are created from them."""
   from aqt_ext import data, train  # pylint: disable=g-import-not-at-top
