@@ -229,8 +229,9 @@ def _checkpoint_manager(workdir: str, config):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.keep_checkpoints, create=True)
-  return ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
-                               options=options)
+  # orbax needs an absolute path (a relative one fails at the first save).
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
 
 
 def _ckpt_tree(state: TrainState) -> dict:
@@ -268,7 +269,7 @@ def restore_checkpoint(mgr, state: TrainState) -> TrainState:
 def load_float_variables(workdir: str) -> dict:
   """Params and batch_stats of the latest checkpoint of a (float) run."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = os.path.join(workdir, "checkpoints")
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   step = (ocp.CheckpointManager(directory).latest_step()
           if os.path.isdir(directory) else None)
   if step is None:

@@ -63,7 +63,7 @@ def assert_trees_equal(a, b):
 
 
 def test_train_writes_result_and_the_seed_matters(fashion_mnist_dir,
-                                                  tmp_path):
+                                                  tmp_path, monkeypatch):
   # Same seed -> same parameters: test_sigkill_and_rerun_resumes_identically
   # (a rerun of the same command ends bit-identical to the reference run).
   from aqt_ext import train  # pylint: disable=g-import-not-at-top
@@ -79,10 +79,11 @@ def test_train_writes_result_and_the_seed_matters(fashion_mnist_dir,
   # Learned something on real data (10 classes: chance is 0.1).
   assert on_disk["eval_accuracy"] > 0.15  # 500 examples: 6 sigma
   _, p1 = final_params(tmp_path / "a")
-  # A different seed gives different parameters.
+  # A different seed gives different parameters. This run's --workdir is
+  # relative, as in the README (orbax refuses relative checkpoint paths).
+  monkeypatch.chdir(tmp_path)
   train.train_and_evaluate(tiny_config(fashion_mnist_dir, seed=4,
-                                       num_epochs=0.25),
-                           str(tmp_path / "c"))
+                                       num_epochs=0.25), "c")
   _, p3 = final_params(tmp_path / "c")
   assert not np.array_equal(np.asarray(p3["params"]["head"]["kernel"]),
                             np.asarray(p1["params"]["head"]["kernel"]))
