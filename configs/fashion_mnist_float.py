@@ -1,8 +1,8 @@
 """Fashion-MNIST, full-width CIFAR-style ResNet-20, float, longer budget.
 
-15 epochs (7,035 steps of 128) with crop+flip augmentation: about 80 minutes
-on 2 CPU cores (experiments/RESULTS.md). Its checkpoint is the starting
-point of configs/fashion_mnist_w4a4.py.
+15 epochs (7,020 steps of 128) with crop+flip augmentation: 93.73% test
+accuracy in 86 minutes on 2 CPU cores, part of it shared (RESULTS.md). Its
+checkpoint is the starting point of configs/fashion_mnist_w4a4.py.
 """
 
 from configs import base
