@@ -225,13 +225,16 @@ def create_state(config, model, batch, steps_per_epoch, float_variables=None
   return state, schedule
 
 
+def _checkpoint_dir(workdir: str) -> str:
+  # orbax needs an absolute path (a relative one fails at the first save).
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
 def _checkpoint_manager(workdir: str, config):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.keep_checkpoints, create=True)
-  # orbax needs an absolute path (a relative one fails at the first save).
-  return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+  return ocp.CheckpointManager(_checkpoint_dir(workdir), options=options)
 
 
 def _ckpt_tree(state: TrainState) -> dict:
@@ -269,16 +272,16 @@ def restore_checkpoint(mgr, state: TrainState) -> TrainState:
 def load_float_variables(workdir: str) -> dict:
   """Params and batch_stats of the latest checkpoint of a (float) run."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  step = (ocp.CheckpointManager(directory).latest_step()
-          if os.path.isdir(directory) else None)
+  directory = _checkpoint_dir(workdir)
+  # No manager for a missing directory: it would create it.
+  mgr = ocp.CheckpointManager(directory) if os.path.isdir(directory) else None
+  step = mgr.latest_step() if mgr else None
   if step is None:
     raise CheckpointError(
         f"config.init_from={workdir!r} holds no checkpoint: it must be the "
         "--workdir of a finished float run (e.g. of "
         "configs/fashion_mnist_float.py), or unset to train from scratch")
-  tree = ocp.CheckpointManager(directory).restore(
-      step, args=ocp.args.StandardRestore())
+  tree = mgr.restore(step, args=ocp.args.StandardRestore())
   out = {"params": tree["params"]}
   if tree.get("batch_stats"):
     out["batch_stats"] = tree["batch_stats"]
