@@ -212,6 +212,56 @@ def frontier_csv(rows: Sequence[Row]) -> str:
 # Plot.
 # ---------------------------------------------------------------------------
 
+# A curve's colour says its bit width, its line and marker say its method.
+_FLOAT_COLOUR = "black"
+_BITS_COLOURS = {8: "tab:blue", 6: "tab:cyan", 5: "tab:olive", 4: "tab:green",
+                 3: "tab:orange", 2: "tab:red", 1: "tab:purple"}
+_METHOD_STYLES = (  # (method prefix of the label, line style, marker)
+    ("rtn", "--", "s"), ("pwlq", ":", "^"), ("rex", "-.", "D"),
+    ("aquant", (0, (3, 1, 1, 1, 1, 1)), "v"))
+_QAT_STYLE = ("-", "o")
+BAND_POINTS = 12.0  # [design] the zoomed band spans >= this many points
+
+
+def _weight_bits_of(row: Row) -> int | None:
+  """The weight bit width of a quantized row's spec (``w4a4`` -> 4)."""
+  head = row.quant.split("_")[0]
+  if head.startswith("w") and "a" in head:
+    bits = head[1:head.index("a")]
+    return int(bits) if bits.isdigit() else None
+  return None
+
+
+def curve_style(row: Row) -> tuple[str, Any, str]:
+  """(colour, line style, marker) of the curve `row` belongs to."""
+  bits = _weight_bits_of(row)
+  colour = _FLOAT_COLOUR if bits is None else _BITS_COLOURS.get(bits, "0.4")
+  if row.kind == "ptq":
+    for prefix, ls, marker in _METHOD_STYLES:
+      if (row.method or "").startswith(prefix):
+        return colour, ls, marker
+    return colour, "--", "X"
+  return (colour,) + _QAT_STYLE
+
+
+def accuracy_band(rows: Sequence[Row]) -> tuple[float, float]:
+  """The y range (accuracy, %) that the main axes show.
+
+  It spans every frontier point and everything within `BAND_POINTS` of the
+  best accuracy, so a few collapsed runs (e.g. 2-bit PTQ at chance) cannot
+  squeeze the informative band into a sliver; the points below it are drawn
+  on a short axis of their own (see `plot_pareto`).
+  """
+  acc = [100 * r.accuracy for r in rows]
+  front = [100 * r.accuracy for r in rows
+           if r.on_bops_frontier or r.on_weight_bits_frontier] or acc
+  top = max(acc)
+  lo = min(min(front), top - BAND_POINTS)
+  lo = max(min(acc), lo)
+  pad = max(0.06 * (top - lo), 0.5)
+  return lo - pad, top + pad
+
+
 def _curves(rows: Sequence[Row]) -> list[tuple[str, list[Row]]]:
   """Rows grouped by label (one curve each), most bits per MAC first."""
   groups: dict[str, list[Row]] = {}
@@ -222,48 +272,138 @@ def _curves(rows: Sequence[Row]) -> list[tuple[str, list[Row]]]:
                 key=lambda item: -item[1][0].bops / max(item[1][0].macs, 1))
 
 
-def _panel(ax, rows: Sequence[Row], cost: str, flag: str, xlabel: str,
-           scale: float) -> None:
-  """One accuracy-vs-cost panel: a curve per label (QAT solid, PTQ
-  dashed), frontier on top."""
+def _draw(ax, rows: Sequence[Row], cost: str, flag: str, scale: float,
+          frontier: bool = True) -> None:
+  """Curves (and the frontier) of one panel on one axes."""
   for label, group in _curves(rows):
-    ptq = group[0].kind == "ptq"
+    colour, ls, marker = curve_style(group[0])
     x = [getattr(r, cost) * scale for r in group]
     y = [100 * r.accuracy for r in group]
     err = [[100 * (r.accuracy - r.accuracy_min) for r in group],
            [100 * (r.accuracy_max - r.accuracy) for r in group]]
     ax.errorbar(x, y, yerr=err if any(r.seeds > 1 for r in group) else None,
-                marker="s" if ptq else "o", ms=5, lw=1.2, capsize=2,
-                ls="--" if ptq else "-", label=label + (" (PTQ)" if ptq else ""))
-    for xi, yi, r in zip(x, y, group):
-      ax.annotate(r.model_label, (xi, yi), textcoords="offset points",
-                  xytext=(4, -9), fontsize=6.5, color="0.35")
+                color=colour, ls=ls, marker=marker, ms=5, lw=1.3, capsize=2,
+                alpha=0.9)
+  ax.set_xscale("log")
+  ax.grid(True, which="both", alpha=0.3)
+  if not frontier:
+    return
   front = sorted((r for r in rows if getattr(r, flag)),
                  key=lambda r: getattr(r, cost))
   fx = [getattr(r, cost) * scale for r in front]
   fy = [100 * r.accuracy for r in front]
-  ax.plot(fx, fy, "k--", lw=1, drawstyle="steps-post", zorder=3)
-  ax.scatter(fx, fy, s=140, facecolors="none", edgecolors="k", lw=1.3,
-             zorder=4, label="Pareto frontier")
-  ax.set_xscale("log")
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel("test accuracy (%)")
-  ax.grid(True, which="both", alpha=0.3)
+  ax.plot(fx, fy, color="0.3", ls="-", lw=0.8, drawstyle="steps-post",
+          zorder=3)
+  ax.scatter(fx, fy, s=130, facecolors="none", edgecolors="k", lw=1.2,
+             zorder=4)
+
+
+_LABEL_OFFSETS = ((6, 6), (6, -20), (-8, 10), (-8, -24), (6, 22), (6, -36),
+                  (-8, 26), (-8, -40))  # points; right/left x above/below
+_LABEL_FONT = 6.5
+
+
+def _label_frontier(ax, rows: Sequence[Row], cost: str, flag: str,
+                    scale: float) -> None:
+  """Labels each frontier point (model and spec), placing each label at the
+  first offset whose box overlaps no label placed before it."""
+  fig_dpi = ax.figure.dpi
+  placed: list[tuple[float, float, float, float]] = []
+  front = sorted((r for r in rows if getattr(r, flag)),
+                 key=lambda r: getattr(r, cost))
+  for r in front:
+    text = f"{r.model_label}\n{r.label}"
+    w = 0.6 * _LABEL_FONT * max(map(len, text.split("\n")))  # points
+    h = 1.25 * _LABEL_FONT * 2
+    px, py = ax.transData.transform((getattr(r, cost) * scale,
+                                     100 * r.accuracy)) * 72 / fig_dpi
+    for dx, dy in _LABEL_OFFSETS:
+      x0 = px + dx if dx > 0 else px + dx - w
+      box = (x0, py + dy, x0 + w, py + dy + h)
+      if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3]
+                 and b[1] < box[3] for b in placed):
+        break
+    placed.append(box)
+    ax.annotate(text, (getattr(r, cost) * scale, 100 * r.accuracy),
+                textcoords="offset points", xytext=(dx, dy),
+                ha="left" if dx > 0 else "right", va="bottom",
+                fontsize=_LABEL_FONT, color="0.2")
+
+
+def _legend_handles(rows: Sequence[Row]) -> list[Any]:
+  """Proxy artists: a colour per weight bit width, a line per method, and
+  the frontier circle."""
+  from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
+  by_bits: dict[int | None, Row] = {}
+  for r in sorted(rows, key=lambda r: -(_weight_bits_of(r) or 99)):
+    by_bits.setdefault(_weight_bits_of(r), r)
+  by_method: dict[str, Row] = {}
+  for r in rows:
+    by_method.setdefault(f"{r.method} (PTQ)" if r.kind == "ptq"
+                         else "QAT (and float)", r)
+  handles = [Line2D([], [], color=curve_style(r)[0], lw=6, alpha=0.8,
+                    label="float" if bits is None else f"w{bits}")
+             for bits, r in by_bits.items()]
+  handles += [Line2D([], [], color="0.3", ls=curve_style(r)[1],
+                     marker=curve_style(r)[2], label=name)
+              for name, r in by_method.items()]
+  handles.append(Line2D([], [], ls="none", marker="o", ms=11, mfc="none",
+                        mec="k", label="Pareto frontier"))
+  return handles
 
 
 def plot_pareto(rows: Sequence[Row], title: str = "") -> bytes:
-  """PNG: accuracy vs BOPs and vs weight memory, both on log x axes."""
+  """PNG: accuracy vs BOPs and vs weight memory, both on log x axes.
+
+  Colour is the weight bit width, line and marker the method (QAT solid,
+  each PTQ method its own dashes), circles the Pareto frontier, and only
+  frontier points are labelled. The main axes show `accuracy_band`; points
+  below it go on a short axis underneath, so they stay visible without
+  crushing the band.
+  """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.2), sharey=True)
-  _panel(left, rows, "bops", "on_bops_frontier", "BOPs per image (log)", 1.0)
-  _panel(right, rows, "weight_bits", "on_weight_bits_frontier",
-         "weight memory (KiB, log)", 1 / 8 / 1024)
-  right.set_ylabel("")
-  left.legend(fontsize=8, loc="lower right")
+  lo, hi = accuracy_band(rows)
+  below = [r for r in rows if 100 * r.accuracy < lo]
+  if below:
+    fig, axes = plt.subplots(2, 2, figsize=(14, 6.8), sharex="col",
+                             gridspec_kw={"height_ratios": [4, 1],
+                                          "hspace": 0.06})
+    tops, bottoms = axes[0], axes[1]
+  else:
+    fig, tops = plt.subplots(1, 2, figsize=(14, 5.6))
+    bottoms = [None, None]
+  panels = (("bops", "on_bops_frontier", "BOPs per image (log)", 1.0),
+            ("weight_bits", "on_weight_bits_frontier",
+             "weight memory (KiB, log)", 1 / 8 / 1024))
+  for top, bottom, (cost, flag, xlabel, scale) in zip(tops, bottoms, panels):
+    _draw(top, rows, cost, flag, scale)
+    top.set_ylim(lo, hi)
+    top.set_ylabel("test accuracy (%)")
+    if bottom is None:
+      top.set_xlabel(xlabel)
+      continue
+    _draw(bottom, rows, cost, flag, scale, frontier=False)  # none below
+    b_lo = min(100 * r.accuracy for r in below)
+    pad = 0.08 * max(lo - b_lo, 1.0)
+    bottom.set_ylim(b_lo - pad, lo)
+    bottom.set_xlabel(xlabel)
+    bottom.set_ylabel("below\nband", fontsize=8)
+    top.spines["bottom"].set_visible(False)
+    bottom.spines["top"].set_visible(False)
+    top.tick_params(bottom=False, which="both")
+    kw = dict(transform=top.transAxes, color="k", clip_on=False, lw=1)
+    top.plot((-0.01, 0.01), (-0.01, 0.01), **kw)
+    top.plot((0.99, 1.01), (-0.01, 0.01), **kw)
+  fig.legend(handles=_legend_handles(rows), loc="center right", fontsize=8,
+             frameon=False)
   fig.suptitle(title or "accuracy vs cost")
-  fig.tight_layout()
+  fig.subplots_adjust(left=0.06, right=0.86, top=0.92, bottom=0.09,
+                      wspace=0.18)
+  for top, (cost, flag, _, scale) in zip(tops, panels):
+    top.autoscale_view()
+    _label_frontier(top, rows, cost, flag, scale)  # once the layout is fixed
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=120)
   plt.close(fig)
@@ -301,4 +441,5 @@ def write_report(rows: Sequence[Row], failed: Sequence[Mapping[str, Any]],
 
 __all__ = ["Row", "aggregate", "frontier_mask", "mark_frontiers", "summarize",
            "summary_markdown", "frontier_csv", "plot_pareto", "write_report",
-           "write_bytes_atomic", "REPORT_FILES"]
+           "write_bytes_atomic", "accuracy_band", "curve_style",
+           "REPORT_FILES"]
