@@ -45,10 +45,9 @@ rather than the pooled MSE, which the few high-variance channels dominate.
   step alpha/bound gets the LSQ gradient (round(x/s) - x/s inside, the grid
   end where clipped), so E pulls alpha both ways [design]. [design] This E
   is estimated on every `AUX_STRIDE`-th example of the batch (axis 0),
-  reusing the forward's quantized values. Besides halving the cost, on
+  reusing the forward's quantized values: it halves the cost, and on
   XLA:CPU the slice keeps E's sums from sharing (and so materialising) the
-  forward quantizer's full-size broadcasts: on the full batch, E added
-  ~0.7x of a float 16-channel conv layer's train step, on the slice ~0.05x.
+  forward quantizer's full-size broadcasts.
 * ``calibration='static'``: no parameter and no auxiliary loss; each batch's
   `fit_clip` is tracked by EMA in ``quant_stats`` (updated while that
   collection is mutable and the module is not initialising, frozen
