@@ -1,6 +1,7 @@
 """Tests of aqt_ext.data: mocked TFDS datasets and the local Fashion-MNIST."""
 
 import contextlib
+import re
 import subprocess
 import sys
 from unittest import mock
@@ -13,16 +14,39 @@ from aqt_ext import data
 tfds = pytest.importorskip("tensorflow_datasets")
 
 
+# Label offset of each mocked split: the same example index has a different
+# label in every split (mod the number of classes, at least 10).
+SPLIT_LABEL_OFFSET = {"train": 0, "test": 1, "validation": 2}
+
+
 @contextlib.contextmanager
 def mock_tfds(num_examples):
-  """TFDS serving `num_examples` random examples for every split.
+  """TFDS serving `num_examples` random examples for every split, with
+  distinguishable splits and slices honoured.
 
-  `tfds.testing.mock_data` does not mock `is_prepared`, which
-  `ensure_prepared` consults before loading.
+  `tfds.testing.mock_data` serves the same examples for every split and
+  ignores slices (``test[:n]``); here a split's labels are shifted by
+  `SPLIT_LABEL_OFFSET` (so reading the wrong split changes every label)
+  and ``split[:n]`` yields the first n examples. `mock_data` does not mock
+  `is_prepared`, which `ensure_prepared` consults before loading.
   """
   with tfds.testing.mock_data(num_examples=num_examples), mock.patch.object(
       tfds.core.DatasetBuilder, "is_prepared", return_value=True):
-    yield
+    reader = tfds.core.dataset_builder.FileReaderBuilder
+    mocked = reader._as_dataset  # mock_data's random examples
+
+    def as_dataset(self, split, **kwargs):
+      m = re.fullmatch(r"(\w+)(?:\[:(\d+)\])?", str(split))
+      if not m or m.group(1) not in SPLIT_LABEL_OFFSET:
+        raise ValueError(f"mock_tfds: split {split!r} is not supported")
+      offset = SPLIT_LABEL_OFFSET[m.group(1)]
+      classes = self.info.features["label"].num_classes
+      ds = mocked(self, m.group(1), **kwargs).map(
+          lambda ex: {**ex, "label": (ex["label"] + offset) % classes})
+      return ds.take(int(m.group(2))) if m.group(2) else ds
+
+    with mock.patch.object(reader, "_as_dataset", as_dataset):
+      yield
 
 
 def raw_split(name, split):
@@ -34,6 +58,13 @@ def raw_split(name, split):
   examples = list(tfds.as_numpy(tfds.load(name, split=split)))
   return (np.stack([ex["image"] for ex in examples]),
           np.array([ex["label"] for ex in examples]))
+
+
+def raw_labels(name, split):
+  """The labels of the (mocked) split, images left encoded."""
+  ds = tfds.load(name, split=split,
+                 decoders={"image": tfds.decode.SkipDecoding()})
+  return np.array([ex["label"] for ex in tfds.as_numpy(ds)])
 
 
 def to_uint8(name, images):
@@ -182,10 +213,23 @@ def test_random_crop_flip_takes_windows_of_the_padded_image(flip):
   assert (mirrored > 10) == flip
 
 
+def test_mock_splits_are_distinguishable():
+  with mock_tfds(num_examples=12):
+    train_labels = raw_labels("cifar100", "train")
+    test_images, test_labels = raw_split("cifar100", "test")
+    np.testing.assert_array_equal(raw_labels("cifar100", "test[:5]"),
+                                  test_labels[:5])
+  assert len(train_labels) == len(test_labels) == len(test_images) == 12
+  assert np.all(train_labels != test_labels)
+
+
 def test_eval_covers_every_example_once_with_mask(tmp_path):
   with mock_tfds(num_examples=23):
     batches = list(data.eval_batches("cifar100", 8, data_dir=tmp_path))
     images, labels = raw_split("cifar100", "test")
+    train_labels = raw_labels("cifar100", "train")
+    first = list(data.eval_batches("cifar100", 8, data_dir=tmp_path,
+                                   num_examples=10))
   assert [b["image"].shape for b in batches] == [(8, 32, 32, 3)] * 3
   mask = np.concatenate([b["mask"] for b in batches])
   np.testing.assert_array_equal(mask, [1] * 23 + [0])
@@ -194,7 +238,13 @@ def test_eval_covers_every_example_once_with_mask(tmp_path):
   got_labels = np.concatenate([b["label"] for b in batches])
   np.testing.assert_array_equal(got_images[:23], images)
   np.testing.assert_array_equal(got_labels[:23], labels)
+  assert np.all(got_labels[:23] != train_labels)  # the test split, not train
   assert got_labels.dtype == np.int32 and got_labels[23] == 0
+  # num_examples: the first examples of the test split.
+  np.testing.assert_array_equal(
+      np.concatenate([b["mask"] for b in first]), [1] * 10 + [0] * 6)
+  np.testing.assert_array_equal(
+      np.concatenate([b["label"] for b in first])[:10], labels[:10])
 
 
 def test_imagenet_streaming_is_resumable_and_padded(tmp_path):
@@ -207,6 +257,8 @@ def test_imagenet_streaming_is_resumable_and_padded(tmp_path):
     from_start.close()
     resumed = stream.batch(2)  # First batch of the second epoch.
     evaluated = list(data.eval_batches("imagenet2012", 4, data_dir=tmp_path))
+    val_labels = raw_labels("imagenet2012", "validation")
+    train_labels = raw_labels("imagenet2012", "train")
   assert batches[0]["image"].shape == (4, 224, 224, 3)
   assert batches[0]["image"].dtype == np.float32
   assert batches[0]["label"].dtype == np.int32
@@ -215,6 +267,10 @@ def test_imagenet_streaming_is_resumable_and_padded(tmp_path):
   assert not np.array_equal(batches[0]["image"], batches[2]["image"])
   np.testing.assert_array_equal(
       np.concatenate([b["mask"] for b in evaluated]), [1] * 10 + [0] * 2)
+  # Evaluation reads the validation split, in order.
+  eval_labels = np.concatenate([b["label"] for b in evaluated])[:10]
+  np.testing.assert_array_equal(eval_labels, val_labels)
+  assert np.all(eval_labels != train_labels)
 
 
 # --------------------------------------------------------------------------

@@ -114,6 +114,90 @@ def test_sorted_levels_separates_coinciding_levels():
   np.testing.assert_array_equal(dq.sorted_levels(v), v)
 
 
+def _shuffled_levels(num, groups, seed):
+  """(groups..., num) well-separated levels (neighbours about 1 apart, far
+  more than the minimum gap), each row in a non-sorted random order."""
+  rng = np.random.default_rng(seed)
+  base = (np.arange(num) - num / 2 + rng.uniform(-0.2, 0.2, groups + (num,))
+          ).astype(np.float32)
+  out = np.empty_like(base)
+  for idx in np.ndindex(*groups):
+    perm = rng.permutation(num)
+    while np.array_equal(perm, np.arange(num)):
+      perm = rng.permutation(num)
+    out[idx] = base[idx][perm]
+  return out
+
+
+@pytest.mark.parametrize("groups", [(), (3,)])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_sorted_levels_is_sort_of_shuffled_separated_levels(bits, groups):
+  """methods.md sec. 4: sorted_levels(v) == sort(v) for a shuffled,
+  well-separated v (the gap rule changes nothing there)."""
+  v = _shuffled_levels(2 ** bits, groups, seed=bits)
+  assert not np.all(np.diff(v, axis=-1) > 0)
+  np.testing.assert_array_equal(dq.sorted_levels(jnp.asarray(v)),
+                                np.sort(v, axis=-1))
+
+
+def _min_gap_reference(v, min_gap):
+  """sorted_levels by its documented rule, in float64: s = sort(v),
+  gap = min_gap * max(span, max|s|, 1e-12) / (L - 1),
+  u_0 = s_0, u_j = max(s_j, u_{j-1} + gap). Returns (u, gap)."""
+  s = np.sort(np.asarray(v, np.float64), axis=-1)
+  num = s.shape[-1]
+  ref = np.maximum(s[..., -1:] - s[..., :1],
+                   np.max(np.abs(s), -1, keepdims=True))
+  gap = min_gap * np.maximum(ref, 1e-12) / (num - 1)
+  u = s.copy()
+  for j in range(1, num):
+    u[..., j] = np.maximum(s[..., j], u[..., j - 1] + gap[..., 0])
+  return u, gap
+
+
+@pytest.mark.parametrize("min_gap", [dq.MIN_GAP, 0.1])
+def test_sorted_levels_keeps_levels_distinct_by_min_gap(min_gap):
+  cases = [np.zeros(4), np.full((2, 8), 0.3), np.array([1., 1, 0, 1]),
+           np.array([0.7, -1, 0.7, 2, 0.7, -1, 3, 0.7]),
+           np.array([0.7, 0.7, 0.7, 0.70000017]),
+           _shuffled_levels(8, (2,), seed=5)]
+  for v in cases:
+    v = np.asarray(v, np.float32)
+    u = np.asarray(dq.sorted_levels(jnp.asarray(v), min_gap=min_gap),
+                   np.float64)
+    want, gap = _min_gap_reference(v, min_gap)
+    # u is float32 (|u| <= 3: ulp <= 2.4e-7); the reference is exact in
+    # float64. Four ulps cover the rounding of gap, the ramp and the sum.
+    ulp = 4 * np.spacing(np.float32(np.max(np.abs(want)) + 1.0))
+    np.testing.assert_allclose(u, want, rtol=0, atol=ulp)
+    assert np.all(np.diff(u, axis=-1) >= gap - ulp), (v, u)
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+def test_layer_uses_the_sorted_stored_levels(granularity):
+  """A layer whose stored levels are shuffled quantizes exactly as with
+  them sorted, and each stored level gets the gradient of the position it
+  sorts into."""
+  mdl, params = _weight_model(3, granularity)
+  levels = np.asarray(params["kernel_dq_levels"])
+  perm = np.random.default_rng(0).permutation(levels.shape[-1])
+  assert not np.array_equal(perm, np.arange(levels.shape[-1]))
+  shuffled = {**params, "kernel_dq_levels": jnp.asarray(levels[..., perm])}
+  g = jax.random.normal(jax.random.PRNGKey(1), params["kernel"].shape)
+
+  def value_and_grad(p):
+    return jax.value_and_grad(lambda p: jnp.sum(g * mdl.apply(
+        {"params": p})))(p), mdl.apply({"params": p})
+
+  (_, grad_sorted), wq_sorted = value_and_grad(params)
+  (_, grad_shuffled), wq_shuffled = value_and_grad(shuffled)
+  np.testing.assert_array_equal(wq_shuffled, wq_sorted)
+  assert len(np.unique(np.asarray(wq_sorted))) > 2  # not collapsed
+  np.testing.assert_array_equal(grad_shuffled["kernel_dq_levels"],
+                                np.asarray(grad_sorted["kernel_dq_levels"])
+                                [..., perm])
+
+
 @pytest.mark.parametrize("bits", [2, 3])
 def test_kmeans_init_beats_uniform_on_gaussian(bits):
   w = jax.random.normal(jax.random.PRNGKey(3), (4096,))

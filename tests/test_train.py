@@ -1,9 +1,12 @@
-"""Training loop: resume after SIGKILL, determinism, NaN stop, bad checkpoints.
+"""Training loop: resume after SIGKILL, determinism, NaN stop, bad checkpoints,
+data parallelism; `train_step`'s quantizer state and auxiliary losses.
 
-Runs tiny models on a slice of the real Fashion-MNIST (built offline); no
-accuracy is asserted here beyond "it learns something".
+Runs tiny models on a slice of the real Fashion-MNIST (built offline), and
+`train_step` on two-layer models and random batches; no accuracy is
+asserted here beyond "it learns something".
 """
 
+import functools
 import json
 import os
 import pathlib
@@ -12,10 +15,19 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
+import flax
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+
+import aqt_ext as A
+from aqt_ext import dq
+from aqt_ext.config import LayerQuant, TensorQuant
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -48,10 +60,20 @@ def main_cmd(workdir, data_dir, **kw):
   return cmd
 
 
-def final_params(workdir):
+def final_params(workdir, like=None):
+  """(step, tree) of the latest checkpoint in `workdir`. With `like` (a
+  tree of the same structure), restored onto this process's first device
+  whatever mesh saved it (orbax refuses a plain restore of a checkpoint
+  saved by another device topology)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   mgr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-  tree = mgr.restore(mgr.latest_step(), args=ocp.args.StandardRestore())
+  target = None
+  if like is not None:
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+        np.shape(a), np.asarray(a).dtype, sharding=one), like)
+  tree = mgr.restore(mgr.latest_step(),
+                     args=ocp.args.StandardRestore(target))
   return mgr.latest_step(), tree
 
 
@@ -103,6 +125,131 @@ def test_train_metrics_window_is_a_clu_collection():
     np.testing.assert_allclose(out[k], np.mean([m[k] for m in steps]),
                                rtol=1e-6)
   assert out["learning_rate"] == steps[-1]["learning_rate"]  # the last step's
+
+
+# ---------------------------------------------------------------------------
+# train_step on tiny in-process models: quantizer state and auxiliary losses.
+# ---------------------------------------------------------------------------
+
+class TwoLayerNet(nn.Module):
+  """Dense -> relu -> Dense; `first` / `second` quantize the layers."""
+
+  first: Any
+  second: Any
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    x = A.QuantDense(8, name="dense0", quant=self.first)(x)
+    return A.QuantDense(3, name="dense1", quant=self.second)(nn.relu(x))
+
+
+def _grads_as_state():
+  """An optax transformation that leaves the params unchanged and keeps
+  the gradients it was given as its state (so a test reads exactly what
+  train_step differentiated)."""
+  return optax.GradientTransformation(
+      init=lambda params: jax.tree.map(jnp.zeros_like, params),
+      update=lambda grads, state, params=None: (
+          jax.tree.map(jnp.zeros_like, grads), grads))
+
+
+def _tiny_step(model, images, tmp_path):
+  """(state, jitted train_step) as `train_and_evaluate` builds them, the
+  optimizer replaced by `_grads_as_state`."""
+  from aqt_ext import train  # pylint: disable=g-import-not-at-top
+  state, schedule = train.create_state(tiny_config(tmp_path), model, images,
+                                       steps_per_epoch=4)
+  tx = _grads_as_state()
+  state = state.replace(tx=tx, opt_state=tx.init(state.params))
+  step = jax.jit(functools.partial(train.train_step, num_classes=3,
+                                   label_smoothing=0.0, schedule=schedule))
+  return state, step
+
+
+def _batches(n, size=16, features=6):
+  rng = np.random.default_rng(0)
+  return [{"image": rng.normal(size=(size, features)).astype(np.float32)
+                    * (1.0 + i),
+           "label": rng.integers(0, 3, size).astype(np.int32)}
+          for i in range(n)]
+
+
+def test_train_step_updates_static_quant_stats(tmp_path):
+  """Static input ranges (uniform and DQ) are EMAs that train_step
+  advances: batch range at the first step, then the EMA."""
+  decay = 0.5
+  first = LayerQuant(input=TensorQuant("uniform", 8, calibration="static",
+                                       ema_decay=decay))
+  second = LayerQuant(input=TensorQuant("dq", 4, grid="unsigned",
+                                        calibration="static",
+                                        ema_decay=decay))
+  model = TwoLayerNet(first, second)
+  b1, b2 = _batches(2)
+  state, step = _tiny_step(model, b1["image"], tmp_path)
+  assert int(state.quant_stats["dense0"]["input_count"]) == 0
+  assert int(state.quant_stats["dense1"]["input_count"]) == 0
+  # What one forward pass with mutable stats computes from these params.
+  _, want = jax.jit(functools.partial(
+      model.apply, train=True, mutable=["quant_stats"]))(state.variables(),
+                                                         b1["image"])
+  state1, _ = step(state, b1)
+  s1 = state1.quant_stats
+  assert int(s1["dense0"]["input_count"]) == 1
+  assert int(s1["dense1"]["input_count"]) == 1
+  amax1 = np.abs(b1["image"]).max()
+  np.testing.assert_allclose(s1["dense0"]["input_amax"], amax1, rtol=1e-6)
+  np.testing.assert_allclose(s1["dense1"]["input_dq_clip"],
+                             want["quant_stats"]["dense1"]["input_dq_clip"],
+                             rtol=1e-6)
+  state2, _ = step(state1, b2)
+  s2 = state2.quant_stats
+  assert int(s2["dense0"]["input_count"]) == 2
+  np.testing.assert_allclose(
+      s2["dense0"]["input_amax"],
+      decay * amax1 + (1 - decay) * np.abs(b2["image"]).max(), rtol=1e-6)
+  assert float(s2["dense1"]["input_dq_clip"]) != float(
+      s1["dense1"]["input_dq_clip"])
+
+
+def test_train_step_adds_the_dq_auxiliary_loss(tmp_path):
+  """A DQ input's channel-error term (quant_losses) is part of the loss
+  train_step differentiates: with dq_err_weight 1 the loss is CE + E(alpha)
+  and alpha's gradient exceeds that of the same step at weight 0 by exactly
+  dE/d alpha; the other gradients are unchanged (E trains alpha only, and
+  the first layer's input is the data)."""
+  bits = 4
+
+  def model(weight):
+    return TwoLayerNet(
+        LayerQuant(input=TensorQuant("dq", bits, dq_err_weight=weight)),
+        LayerQuant())
+
+  (batch,) = _batches(1)
+  runs = {}
+  for weight in (1.0, 0.0):
+    state, step = _tiny_step(model(weight), batch["image"], tmp_path)
+    new, metrics = step(state, batch)
+    runs[weight] = (state, new.opt_state, metrics)
+  (s1, g1, m1), (s0, g0, m0) = runs[1.0], runs[0.0]
+  assert_trees_equal(s1.params, s0.params)  # same init
+  alpha = s1.params["dense0"]["input_dq_alpha"]
+  x = batch["image"][::dq.AUX_STRIDE]
+  err, derr = jax.value_and_grad(
+      lambda a: dq.channel_error(x, a, bits, "full"))(alpha)
+  assert float(err) > 0 and float(derr) != 0
+  np.testing.assert_allclose(m1["loss"] - m1["cross_entropy"], err,
+                             rtol=1e-5)
+  np.testing.assert_allclose(m0["loss"], m0["cross_entropy"], rtol=0)
+  np.testing.assert_allclose(m1["cross_entropy"], m0["cross_entropy"],
+                             rtol=1e-6)
+  da = g1["dense0"]["input_dq_alpha"] - g0["dense0"]["input_dq_alpha"]
+  np.testing.assert_allclose(da, derr, rtol=1e-4,
+                             atol=1e-6 * float(jnp.abs(derr)))
+  for path in (("dense0", "kernel"), ("dense0", "bias"),
+               ("dense1", "kernel")):
+    np.testing.assert_allclose(g1[path[0]][path[1]], g0[path[0]][path[1]],
+                               rtol=1e-6, atol=1e-7)
 
 
 def test_sigkill_and_rerun_resumes_identically(fashion_mnist_dir, tmp_path):
@@ -210,15 +357,62 @@ def test_shipped_configs_validate(name):
     assert (config.num_epochs, config.warmup_epochs) == (250, 5)
 
 
-def test_data_parallel_over_two_devices(fashion_mnist_dir, tmp_path):
-  """The batch is sharded over a 2-device mesh (forced host devices)."""
+# A tiny float run (8 steps): trained once in this process, on one device.
+FLOAT_RUN = dict(quant="float", num_epochs=0.5)
+
+
+@pytest.fixture(scope="module")
+def float_run(fashion_mnist_dir, tmp_path_factory):
+  """The workdir of `FLOAT_RUN`, trained in this process (one device)."""
+  from aqt_ext import train  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp("float_run")
+  train.train_and_evaluate(tiny_config(fashion_mnist_dir, **FLOAT_RUN),
+                           str(workdir))
+  return workdir
+
+
+def test_data_parallel_over_two_devices_equals_one_device(
+    fashion_mnist_dir, float_run, tmp_path):
+  """The batch is sharded over a 2-device mesh (forced host devices), and
+  training is the same as on one device with the same global batch.
+
+  Float model: the runs differ only in the order of the cross-device sums
+  (gradients, BatchNorm statistics), a float32 rounding difference. Each
+  step moves a parameter far more than that, so every parameter and
+  statistic must agree to 1e-3 of how far the 8 steps moved it (rounding
+  alone stays below 1e-5 of it). A quantized model would not do: one
+  rounding flip of a weight or activation between the runs changes the
+  trajectory by a quantization step.
+  """
+  from aqt_ext import train  # pylint: disable=g-import-not-at-top
   env = {**os.environ, "PYTHONPATH": str(ROOT),
          "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  subprocess.run(main_cmd(tmp_path, fashion_mnist_dir, num_epochs=0.5),
-                 check=True, env=env, cwd=ROOT, capture_output=True)
-  result = json.loads((tmp_path / "result.json").read_text())
-  assert result["devices"] == 2 and result["steps"] == 8
-  assert np.isfinite(result["eval_loss"])
+  subprocess.run(main_cmd(tmp_path, fashion_mnist_dir, **FLOAT_RUN),
+                 check=True, env=env, cwd=ROOT, capture_output=True,
+                 timeout=1800)  # a hang guard only
+  two = json.loads((tmp_path / "result.json").read_text())
+  one = json.loads((float_run / "result.json").read_text())
+  assert (two["devices"], one["devices"]) == (2, 1)
+  assert two["steps"] == one["steps"] == 8
+  assert two["eval_examples"] == one["eval_examples"] == 500
+  s1, p1 = final_params(float_run)
+  s2, p2 = final_params(tmp_path, like=p1)
+  assert s1 == s2 == 8
+  cfg = tiny_config(fashion_mnist_dir, **FLOAT_RUN)
+  init = train.create_model(cfg, 10).init(
+      jax.random.PRNGKey(cfg.seed), jnp.zeros((1, 28, 28, 1)), train=False)
+  flat = flax.traverse_util.flatten_dict
+  for coll in ("params", "batch_stats"):
+    start, a, b = flat(init[coll]), flat(p1[coll]), flat(p2[coll])
+    assert set(a) == set(b) == set(start)
+    for key in a:
+      moved = np.abs(np.asarray(a[key]) - np.asarray(start[key])).max()
+      diff = np.abs(np.asarray(b[key]) - np.asarray(a[key])).max()
+      assert moved > 0, (coll, key)
+      assert diff <= 1e-3 * moved, (coll, key, diff, moved)
+  # Evaluation: same 500 examples, same parameters up to rounding.
+  assert abs(two["eval_accuracy"] - one["eval_accuracy"]) * 500 <= 1
+  np.testing.assert_allclose(two["eval_loss"], one["eval_loss"], rtol=1e-4)
 
 
 def test_init_from_without_checkpoint_is_refused(fashion_mnist_dir, tmp_path):
@@ -233,14 +427,12 @@ def test_init_from_without_checkpoint_is_refused(fashion_mnist_dir, tmp_path):
   assert list(empty.iterdir()) == []  # nothing created in the named dir
 
 
-def test_qat_from_float_checkpoint(fashion_mnist_dir, tmp_path):
+def test_qat_from_float_checkpoint(fashion_mnist_dir, float_run):
   """Float params load unchanged; LSQ steps are created from them."""
   from aqt_ext import data, train  # pylint: disable=g-import-not-at-top
-  train.train_and_evaluate(tiny_config(fashion_mnist_dir, quant="float",
-                                       num_epochs=0.5), str(tmp_path / "f"))
-  floats = train.load_float_variables(str(tmp_path / "f"))
+  floats = train.load_float_variables(str(float_run))
   cfg = tiny_config(fashion_mnist_dir, quant="lsq:w4a4_fl8",
-                    init_from=str(tmp_path / "f"))
+                    init_from=str(float_run))
   model = train.create_model(cfg, 10)
   batch = data.make_train_stream("fashion_mnist", 32, 0,
                                  fashion_mnist_dir).batch(0)["image"]

@@ -1,0 +1,49 @@
+"""aqt_ext.config: how ModelQuant rules pick a layer's config."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import aqt_ext as A
+from aqt_ext.config import LayerQuant, ModelQuant, TensorQuant
+
+W8 = A.layer_preset("uniform", 8, 8)
+W4 = A.layer_preset("uniform", 4, 4)
+LSQ = A.layer_preset("lsq", 4, 4)
+
+
+def test_first_matching_rule_wins_over_later_overlapping_rules():
+  default = LayerQuant(TensorQuant("uniform", 2, granularity="per_channel"))
+  mq = ModelQuant(default=default, rules=(
+      (r"block0/conv1$", W8),   # specific rule first
+      (r"conv", W4),            # matches every conv, including block0/conv1
+      (r"(^|/)conv1$", LSQ)))   # matches every conv1
+  assert mq.for_path("block0/conv1") is W8      # rules 1, 2, 3 match
+  assert mq.for_path("block1/conv1") is W4      # rules 2, 3 match
+  assert mq.for_path(("block1", "conv1")) is W4  # a path as its names
+  assert mq.for_path("head") is default         # no rule matches
+  # The same rules in the other order: the general rule now shadows the rest.
+  flipped = ModelQuant(default=default, rules=tuple(reversed(mq.rules)))
+  assert flipped.for_path("block0/conv1") is LSQ
+  assert flipped.for_path("block1/conv2") is W4
+
+
+def test_layers_in_a_model_take_the_first_matching_rule():
+  """Resolved by module path inside a model: the quantizer parameters the
+  layer creates show which config it took."""
+
+  class Net(nn.Module):
+    quant: ModelQuant
+
+    @nn.compact
+    def __call__(self, x):
+      x = A.QuantDense(4, name="conv_a", quant=self.quant)(x)
+      x = A.QuantDense(4, name="conv_b", quant=self.quant)(nn.relu(x))
+      return A.QuantDense(3, name="head", quant=self.quant)(nn.relu(x))
+
+  mq = ModelQuant(rules=((r"conv_a$", LSQ), (r"conv", W4), (r"_b$", LSQ)))
+  params = Net(mq).init(jax.random.PRNGKey(0), jnp.ones((2, 5)))["params"]
+  assert set(params["conv_a"]) == {"kernel", "bias", "kernel_lsq_step",
+                                   "input_lsq_step"}
+  assert set(params["conv_b"]) == {"kernel", "bias"}  # W4, not the LSQ rule
+  assert set(params["head"]) == {"kernel", "bias"}
