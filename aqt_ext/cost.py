@@ -2,16 +2,22 @@
 
 `model_cost` runs ``model.init`` under `jax.eval_shape` (no compute) with a
 batch of one and intercepts every call of a `QuantConv`, `QuantDense`,
-`nn.Conv` or `nn.Dense` (subclasses included), recording its path, shapes,
-feature groups and resolved bit widths. Plain `nn.Conv` / `nn.Dense` count as
-16 bits on both sides (bf16), like an unquantized side of a quantized layer.
+`nn.Conv`, `nn.Dense` or `nn.DenseGeneral` (subclasses included), recording
+its path, shapes, feature groups and resolved bit widths. Plain `nn.Conv` /
+`nn.Dense` / `nn.DenseGeneral` count as 16 bits on both sides (bf16), like an
+unquantized side of a quantized layer; a `quantize_model` wrapper's layers
+count with the bits of their rule. A counted layer whose call runs another
+counted layer at the same path (`quantize_model` runs a matched ``nn.Dense``
+as a `QuantDense` in its scope) counts once, as that inner layer, which is
+the contraction that runs.
 
 Per layer (AQT's cost model, design §8):
 
 * MACs, without batch: every output element costs the product of the kernel
   shape but its last (output-feature) axis, i.e. ``out_h*out_w*kh*kw*cin*cout
   / groups`` for a conv and ``cin*cout`` for a dense layer, times any extra
-  non-batch leading dims of the dense input.
+  non-batch leading dims of the dense input; for ``nn.DenseGeneral``, the
+  product of the kernel's contracting axes.
 * BOPs = MACs * weight_bits * input_bits * bops_multiplier. The multiplier
   (1 by default) is a hook for expansions that run several products per layer
   (REx order K costs K times); it does not scale memory.
@@ -35,9 +41,10 @@ import jax
 import jax.numpy as jnp
 
 from aqt_ext.layers import QuantConv, QuantDense
+from aqt_ext.rules import QuantDotGeneral
 
 UNQUANTIZED_BITS = 16
-_COUNTED = (QuantConv, QuantDense, nn.Conv, nn.Dense)
+_COUNTED = (QuantConv, QuantDense, nn.Conv, nn.Dense, nn.DenseGeneral)
 _CONVS = (QuantConv, nn.Conv)
 
 
@@ -52,6 +59,8 @@ class LayerCost:
     feature_group_count: conv feature groups (1 for dense).
     weight_bits, input_bits: resolved widths; 16 for an unquantized side.
     bops_multiplier: factor on the BOPs (see the module docstring).
+    contracting: the kernel axes each output element sums over; None for
+      all but the last.
   """
 
   path: str
@@ -63,10 +72,13 @@ class LayerCost:
   weight_bits: int
   input_bits: int
   bops_multiplier: float = 1.0
+  contracting: tuple[int, ...] | None = None
 
   @property
   def macs(self) -> int:
-    return math.prod(self.output_shape) * math.prod(self.kernel_shape[:-1])
+    summed = (self.kernel_shape[:-1] if self.contracting is None else
+              [self.kernel_shape[a] for a in self.contracting])
+    return math.prod(self.output_shape) * math.prod(summed)
 
   @property
   def bops(self) -> float:
@@ -142,7 +154,23 @@ def _bits(module: nn.Module) -> tuple[int, int]:
   if isinstance(module, (QuantConv, QuantDense)):
     lq = module.layer_quant()
     return lq.weight_bits, lq.input_bits
+  dot_general = getattr(module, "dot_general", None)
+  if isinstance(dot_general, QuantDotGeneral):  # quantize_model's DenseGeneral
+    return dot_general.quant.weight_bits, dot_general.quant.input_bits
   return UNQUANTIZED_BITS, UNQUANTIZED_BITS
+
+
+def _contracting(module: nn.Module) -> tuple[int, ...] | None:
+  """Contracting kernel axes of an ``nn.DenseGeneral`` (its kernel is
+  batch dims, contracting dims, features); None for the other layers."""
+  if not isinstance(module, nn.DenseGeneral):
+    return None
+  n_batch = len(_as_tuple(module.batch_dims))
+  return tuple(range(n_batch, n_batch + len(_as_tuple(module.axis))))
+
+
+def _as_tuple(v) -> tuple:
+  return tuple(v) if isinstance(v, Sequence) else (v,)
 
 
 def _recorder(records: list[LayerCost], multipliers: Mapping[str, float]
@@ -150,11 +178,14 @@ def _recorder(records: list[LayerCost], multipliers: Mapping[str, float]
   """A method interceptor that appends a LayerCost per counted layer call."""
 
   def intercept(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
     module = context.module
     if context.method_name != "__call__" or not isinstance(module, _COUNTED):
-      return out
+      return next_fun(*args, **kwargs)
     path = "/".join(str(p) for p in module.scope.path)
+    start = len(records)
+    out = next_fun(*args, **kwargs)
+    if any(r.path == path for r in records[start:]):
+      return out  # a wrapper of the layer just counted, in the same scope
     kernel = nn.unbox(module.get_variable("params", "kernel"))
     conv = isinstance(module, _CONVS)
     weight_bits, input_bits = _bits(module)
@@ -165,7 +196,8 @@ def _recorder(records: list[LayerCost], multipliers: Mapping[str, float]
         output_shape=tuple(jnp.shape(out)),
         feature_group_count=module.feature_group_count if conv else 1,
         weight_bits=weight_bits, input_bits=input_bits,
-        bops_multiplier=_multiplier(path, multipliers)))
+        bops_multiplier=_multiplier(path, multipliers),
+        contracting=_contracting(module)))
     return out
 
   return intercept

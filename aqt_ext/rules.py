@@ -58,7 +58,15 @@ float; its ``query`` / ``key`` / ``value`` / ``out`` projections are
 
 Report. `QuantizedModel.report` traces the model once (abstractly) and lists
 every supported layer with the rule that configured it, the unused rules
-and the unquantizable matches.
+and the unquantizable matches. A call that quantizes nothing although the
+rules ask for it warns and says why (no supported layer was called, e.g. an
+NNX model run through ``nnx.bridge``; or no rule matches the layer paths,
+which it lists); otherwise each rule that configures no layer (nor keeps an
+unquantizable module float) warns, naming the paths it could have matched.
+
+Paths inside lifted transforms (``nn.scan`` in ``nn.RNN``, ...) are the
+variables' paths too: submodules of the wrapped model bound before the
+wrapper shared its scope are re-scoped to their place in the tree.
 """
 
 from __future__ import annotations
@@ -292,12 +300,17 @@ class RulesReport:
 
 @dataclasses.dataclass
 class _Record:
-  """What one trace saw: supported layers, unquantizable matches."""
+  """What one trace saw: supported layers, unquantizable matches, the rules
+  that matched other modules owning variables, NNX bridge modules."""
 
   layers: dict[str, LayerMatch] = dataclasses.field(default_factory=dict)
   # path -> (type name, index of the rule that matched it)
   not_quantizable: dict[str, tuple[str, int]] = dataclasses.field(
       default_factory=dict)
+  other_matches: set[int] = dataclasses.field(default_factory=set)
+  # path -> type name of the unsupported modules owning variables
+  others: dict[str, str] = dataclasses.field(default_factory=dict)
+  nnx: set[str] = dataclasses.field(default_factory=set)
 
   def report(self, quant: ModelQuant) -> RulesReport:
     used = {m.rule for m in self.layers.values()}
@@ -316,6 +329,53 @@ class _Record:
           f"{', '.join(found)}, which cannot be quantized (supported: "
           f"{', '.join('nn.' + b.__name__ for b in SUPPORTED)}); they stay "
           "float", stacklevel=2)
+    self._warn_unmatched(quant)
+
+  def _warn_unmatched(self, quant: ModelQuant) -> None:
+    """Warns when rules that quantize select no layer: all of them (saying
+    why), or, where some layer is quantized, each rule that selects none."""
+    if is_float(quant.default) and all(is_float(lq) for _, lq in quant.rules):
+      return  # nothing to quantize was asked for
+    supported = "/".join("nn." + b.__name__ for b in SUPPORTED)
+    patterns = ", ".join(repr(p) for p, _ in quant.rules) or "none"
+    if not self.layers:
+      why = f"no {supported} layer was called inside the wrapped model"
+      if self.others:
+        why += (" (modules with variables it called: " + ", ".join(
+            f"{p!r} ({t})" for p, t in list(self.others.items())[:8]) + ")")
+      if self.nnx:
+        why += (f"; it runs NNX modules through nnx.bridge "
+                f"({', '.join(sorted(self.nnx))}), and quantize_model "
+                "quantizes linen layers only: NNX models are not supported "
+                "yet")
+      warnings.warn(f"quantize_model: nothing is quantized, the model runs "
+                    f"in float: {why}", stacklevel=3)
+      return
+    if all(is_float(m.quant) for m in self.layers.values()):
+      warnings.warn(
+          "quantize_model: nothing is quantized, the model runs in float: "
+          f"no rule (patterns: {patterns}) matches any of the "
+          f"{len(self.layers)} layer paths {_some(self.layers)}",
+          stacklevel=3)
+      return
+    used = ({m.rule for m in self.layers.values()} | self.other_matches
+            | {rule for _, rule in self.not_quantizable.values()})
+    for i, (pattern, _) in enumerate(quant.rules):
+      if i in used:
+        continue
+      shadowed = [p for p in self.layers if re.search(pattern, p)]
+      why = (f"every layer it matches ({_some(shadowed)}) is taken by an "
+             "earlier rule" if shadowed else
+             f"it matches none of the layer paths {_some(self.layers)}")
+      warnings.warn(f"quantize_model: rule {i} ({pattern!r}) configures no "
+                    f"layer: {why}", stacklevel=3)
+
+
+def _some(paths, n: int = 8) -> str:
+  """The first `n` of `paths`, quoted, and how many there are in all."""
+  paths = list(paths)
+  shown = ", ".join(repr(p) for p in paths[:n])
+  return shown + (f", ... ({len(paths)} in all)" if len(paths) > n else "")
 
 
 class _Rewriter:
@@ -341,6 +401,8 @@ class _Rewriter:
 
   def __call__(self, next_fun, args, kwargs, context):
     mdl = context.module
+    if type(mdl).__module__.startswith("flax.nnx"):
+      self.record.nnx.add(type(mdl).__name__)
     if (context.method_name != "__call__"
         or isinstance(mdl, (QuantDense, QuantConv))
         or isinstance(getattr(mdl, "dot_general", None), QuantDotGeneral)):
@@ -360,8 +422,13 @@ class _Rewriter:
             "quantized faithfully; narrow the regex or put a float rule for "
             "it first")
       out = next_fun(*args, **kwargs)
-      if asked and _owns_variables(mdl):
-        self.record.not_quantizable[path] = (type(mdl).__name__, rule)
+      if _owns_variables(mdl):
+        self.record.others[path] = type(mdl).__name__
+      if rule is not None and path in self.record.others:
+        if asked:
+          self.record.not_quantizable[path] = (type(mdl).__name__, rule)
+        else:  # a float rule keeping an unquantizable module float
+          self.record.other_matches.add(rule)
       return out
     pattern = None if rule is None else self.quant.rules[rule][0]
     self.record.layers[path] = LayerMatch(base.__name__, rule, pattern, lq)
@@ -373,6 +440,26 @@ class _Rewriter:
 # ---------------------------------------------------------------------------
 # The wrapper.
 # ---------------------------------------------------------------------------
+
+def _repath_children(mdl: nn.Module, old_scope) -> None:
+  """Gives the submodules of `mdl` already bound under `old_scope` (its
+  dataclass-field submodules, bound before ``nn.share_scope`` moved `mdl`)
+  scopes whose path is their place in the variable tree.
+
+  ``nn.share_scope`` re-parents them but keeps their old path, which lifted
+  transforms (``nn.scan`` in ``nn.RNN``) use as the module path: the rules
+  would see ``'module/cell/ii'`` for the variables at ``'cell/ii'``.
+  """
+  for child in mdl._state.children.values():  # pylint: disable=protected-access
+    scope = getattr(child, "scope", None)
+    if (not isinstance(child, nn.Module) or scope is None
+        or scope.parent is not old_scope or not isinstance(scope.name, str)):
+      continue
+    if scope.path != mdl.scope.path + (scope.name,):
+      object.__setattr__(child, "scope", mdl.scope.push(scope.name,
+                                                        reuse=True))
+      _repath_children(child, scope)
+
 
 class QuantizedModel(nn.Module):
   """`module` with the layers its `quant` rules match quantized.
@@ -390,6 +477,7 @@ class QuantizedModel(nn.Module):
 
   def setup(self):
     nn.share_scope(self, self.module)
+    _repath_children(self.module, self.module.scope)
 
   def __call__(self, *args, **kwargs):
     rewriter = _Rewriter(self.quant, self.scope.path)

@@ -3,33 +3,62 @@
 `export` turns a QAT-trained model (built from `QuantDense` / `QuantConv`, or
 a `aqt_ext.rules.quantize_model` wrapper) into a serving checkpoint; `load`
 reads it back, checking it against the model, into a `ServedModel` whose
-matmuls and convolutions take the stored integer kernels straight into
+integer layers take the stored integer kernels straight into
 ``lax.dot_general`` / ``lax.conv_general_dilated`` with int32 accumulation
 and apply the scales to the int32 output (``LayerQuant.execution='int'``
-numerics); no float kernel exists at any point.
+numerics); no float kernel of an integer layer exists at any point. Modules
+the rules leave float run their own code on their stored float params.
 
-Layout, version 2 (`LAYOUT_VERSION`; version 1 is version 2 without
-lookup-table layers, and still loads). A directory holding
+Usage::
 
-* ``serving.json``: ``{"layout_version": 1, "format": FORMAT, "layers":
-  {path: ...}, "sizes": {...}}``; per quantized layer (path = its module
-  path, ``'/'``-joined): ``module`` (``QuantDense`` | ``QuantConv`` |
-  ``DenseGeneral``), ``kernel_shape`` (the float parameter's shape),
+  serve.export(model, variables, x, DIR, call_kwargs={'train': False})
+  served = serve.load(DIR, model, x, call_kwargs={'train': False})
+  logits = served(x)
+
+Several positional inputs: pass them as a tuple, ``export(model, v, (a, b),
+DIR)`` and ``served(a, b)``. Array keyword arguments (``z_rng=key``) and the
+keys of ``make_rng`` streams (``rngs={'noise': key}``) go to `export`,
+`load` and each call as to ``model.apply``. Params boxed by
+``nn.with_logical_partitioning`` are unboxed. Layers inside lifted
+transforms (``nn.scan``, ``nn.RNN``, ``nn.vmap``, ``nn.remat``) are served:
+while the model runs, a layer's serving arrays sit among its own params
+(`PARAM_PREFIX`), so they are broadcast or sliced as its params are.
+
+Layers. An integer layer is a QuantDense, QuantConv or quantized
+DenseGeneral whose LayerQuant quantizes both sides by 'uniform', 'lsq',
+'pact' or DQ (`check_servable` names what else is refused, e.g. weight-only
+quantization). A layer with an entirely float LayerQuant, and every module
+`aqt_ext.rules` cannot quantize (``nn.Einsum``, ``nn.ConvTranspose``,
+``nn.ConvLocal``, ``nn.Embed``, norms, custom layers), is a float layer: its
+params are stored as they are.
+
+Layout, version 3 (`LAYOUT_VERSION`; versions 1 and 2 still load: version 1
+has no lookup-table layers, version 2 no float layers). A directory holding
+
+* ``serving.json``: ``{"layout_version": 3, "format": FORMAT, "layers":
+  {path: ...}, "float_layers": {path: ...}, "sizes": {...}}``, path = the
+  module's variable path, ``'/'``-joined. Per integer layer (``layers``):
+  ``module`` (``QuantDense`` | ``QuantConv`` | ``DenseGeneral``),
+  ``kernel_shape`` (the float parameter's shape in one call of the layer),
   ``int_shape`` (the integer kernel's shape: ``kernel_shape``, or for
   ``per_group`` weights the feature axis split into (groups, group_size)),
   ``bits``, ``storage_bits``, ``weight`` (``int``: integer kernel and scale;
   ``lut``: DQ levels, below), ``input`` (``dynamic``: range of each batch at
   run time; ``stored``: a trained scale) and ``quant`` (the LayerQuant's
-  fields). Written last: a directory without it is incomplete.
+  fields). Per float layer (``float_layers``, modules owning params that are
+  not integer layers, BatchNorm and LayerNorm included): ``module`` (its type
+  name, null where unknown) and ``params`` (the names of its params, stored
+  as trained). Written last: a directory without it is incomplete.
 * ``arrays/``: an orbax ``StandardCheckpointer`` tree, itself a flax
   variable dict:
 
-  - ``params``: the trained params minus, in every quantized layer,
+  - ``params``: the trained params minus, in every integer layer,
     ``kernel`` and the quantizer parameters (``kernel_lsq_step``,
-    ``input_lsq_step``, ``input_pact_alpha``): biases, BatchNorm scales and
-    offsets and any other parameter as they are;
+    ``input_lsq_step``, ``input_pact_alpha``, ``kernel_dq_levels``,
+    ``input_dq_alpha``): biases, float layers' params and any other
+    parameter as they are;
   - ``batch_stats``: as trained (if the model has any);
-  - ``serving``: per quantized layer, nested by module path:
+  - ``serving``: per integer layer, nested by module path:
     ``kernel``: the integer kernel. 5-8 bits: int8 of shape ``int_shape``.
     2-4 bits: uint8, flat: the ``int_shape`` values in row-major order,
     each as two's complement in ``storage_bits`` (2 for 2 bits, 4 for 3 and
@@ -51,6 +80,10 @@ lookup-table layers, and still loads). A directory holding
     a DQ input's clip over its grid bound.
     Scales are float32 (bfloat16 where the layer computes in bfloat16:
     the dtype integer execution uses).
+    A layer whose params a lifted transform stacks (``nn.scan`` over layers
+    with ``variable_axes={'params': 0}``) has every serving array stacked
+    the same way: leading axes, then the per-call layout above (a packed
+    kernel packed per call: ``lead + (packed size,)``).
 
   Static ranges (``quant_stats``) are folded into ``input_scale`` and not
   stored. An input becomes the integer operand ``q - z``, ``q = clip(
@@ -58,16 +91,17 @@ lookup-table layers, and still loads). A directory holding
   `aqt_ext.quantizers.to_int`; a layer's output is ``int32 accumulator *
   input_scale * kernel_scale`` (+ bias), as with ``execution='int'``.
 
-Tolerance. The served logits equal those of the QAT model run with
-``execution='int'`` (same integer operands, same ops; tested bit for bit).
-Against the QAT model's fake-quant eval they differ by float rounding: the
-fake path sums dequantized products in float32, the served path sums
-integers exactly and scales once, and where a following layer quantizes its
-input dynamically a value on a rounding edge can land one level apart. On
-the tests' ResNet-8 (w4a4, first and last layer 8-bit) the difference is
-about 5e-7 of the largest logit magnitude with random weights, and up to
-0.9% of it on a 500-image Fashion-MNIST batch after 50 training steps (one
-such level flip); the tests allow 2% and require identical predictions.
+Damaged files. A ``serving.json`` that is not valid JSON or lacks its
+``layers``, and an ``arrays/`` tree orbax cannot read (e.g. truncated), raise
+`ServingFormatError` (a ValueError) naming the file: export the model again.
+
+Numerics. Each integer layer computes what the QAT model computes with
+``execution='int'``: the same integers, exact int32 sums, the same float
+scaling. Against the QAT model's fake-quant eval the outputs differ by float
+rounding: the fake path sums dequantized products in float32, the served
+path sums integers exactly and scales once; where a following layer
+quantizes its input dynamically, a value on a rounding edge can land one
+level apart.
 """
 
 from __future__ import annotations
@@ -77,7 +111,7 @@ import functools
 import json
 import math
 import os
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import flax
 import flax.linen as nn
@@ -93,19 +127,28 @@ from aqt_ext.config import LayerQuant, ModelQuant, TensorQuant
 from aqt_ext.layers import (STATS, QuantConv, QuantDense, Quantized,
                             conv_geometry, int_conv, int_dense,
                             quant_operand, resolve_quant)
-from aqt_ext.rules import QuantDotGeneral, int_dot_general
-from aqt_ext.train import QUANT_PARAM_RE
+from aqt_ext.rules import QuantDotGeneral, int_dot_general, is_float
+from aqt_ext.train import QUANT_PARAM_RE, silence_aborted_restore_echoes
 
-LAYOUT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1 has no lookup-table layers
+LAYOUT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # 1: no lookup-table layers; 2: no float layers
 FORMAT = "aqt_ext serving checkpoint"
 METADATA_FILE = "serving.json"
 ARRAYS_DIR = "arrays"
 SERVE = "serving"  # the collection of integer kernels and scales
+# While the model runs (export and serving), a layer's serving arrays live in
+# its own ``params`` under this prefix, so that they follow the params through
+# lifted transforms (nn.scan / nn.RNN / nn.vmap broadcast or slice them).
+PARAM_PREFIX = SERVE + ":"
 QUANTIZER_PARAMS = ("kernel_lsq_step", "input_lsq_step", "input_pact_alpha",
                     "kernel_dq_levels", "input_dq_alpha")
 UNIFORM_RTOL = 1e-3  # a DQ level table within this of a centred uniform grid
                      # is served as plain integers (see `_finish_dq_layers`)
+
+
+class ServingFormatError(ValueError):
+  """A serving checkpoint that cannot be read: damaged, truncated or not a
+  serving checkpoint. The message names the file; export the model again."""
 
 
 # ---------------------------------------------------------------------------
@@ -185,6 +228,38 @@ def _layer_quant(mdl: nn.Module, kind: str) -> LayerQuant:
       mdl)
 
 
+def served_kind(mdl: nn.Module) -> str | None:
+  """`layer_kind` of a layer served from integers: a quantized layer whose
+  LayerQuant is not entirely float (such a layer runs its own float code and
+  is stored as a float layer)."""
+  kind = layer_kind(mdl)
+  if kind is None or is_float(_layer_quant(mdl, kind)):
+    return None
+  return kind
+
+
+def _path(mdl: nn.Module) -> str:
+  """A module's path, ``'/'``-joined (``''`` for the top-level module)."""
+  return "/".join(str(p) for p in mdl.scope.path)
+
+
+def _join(*parts: str) -> str:
+  """``'/'``-joins the non-empty parts (the top-level path is ``''``)."""
+  return "/".join(p for p in parts if p)
+
+
+def _put(mdl: nn.Module, name: str, value: jax.Array) -> None:
+  """Stores a serving array of layer `mdl` (see `PARAM_PREFIX`)."""
+  mdl.put_variable("params", PARAM_PREFIX + name, value)
+
+
+def _get(mdl: nn.Module, name: str) -> jax.Array | None:
+  """A serving array of layer `mdl`, None if it has none of that name."""
+  if not mdl.has_variable("params", PARAM_PREFIX + name):
+    return None
+  return mdl.get_variable("params", PARAM_PREFIX + name)
+
+
 def _stored_input(tq: TensorQuant) -> bool:
   """Whether the input scale is trained (stored) rather than dynamic."""
   return not (tq.method == "uniform" and tq.calibration == "dynamic")
@@ -211,7 +286,8 @@ def check_servable(cfg: LayerQuant, kind: str, path: str) -> None:
                 input=_uniform_stand_in(cfg.input), execution="int")
   except ValueError as e:
     raise ValueError(f"layer {path!r} cannot be served with integer "
-                     f"execution: {e}") from None
+                     f"execution: {e}; or give the layer an entirely float "
+                     "LayerQuant to serve it as a float layer") from None
   if kind != "dense":
     for name in ("weight", "input"):
       if getattr(cfg, name).granularity == "per_group":
@@ -297,20 +373,23 @@ def _int_shape(shape: tuple[int, ...], tq: TensorQuant, feature: int
 # ---------------------------------------------------------------------------
 
 class _ExportRecorder:
-  """Interceptor: quantizes each quantized layer's kernel (and its input)
-  as integer execution does, stores the integer kernel and the trained
-  scales in the `SERVE` collection, records the layer's metadata, and runs
-  the layer with integer execution."""
+  """Interceptor: quantizes each integer-served layer's kernel (and its
+  input) as integer execution does, stores the integer kernel and the
+  trained scales among the layer's params (`PARAM_PREFIX`), records the
+  layer's metadata, and runs the layer with integer execution. Every other
+  module runs its own code; its type is noted by path."""
 
   def __init__(self):
-    self.layers: dict[str, dict] = {}
+    self.layers: dict[str, dict] = {}  # path -> metadata
+    self.modules: dict[str, str] = {}  # path -> type name, every module
 
   def __call__(self, next_fun, args, kwargs, context):
     mdl = context.module
-    kind = layer_kind(mdl)
-    if context.method_name != "__call__" or kind is None:
+    path = _path(mdl)
+    self.modules.setdefault(path, type(mdl).__name__)
+    kind = served_kind(mdl) if context.method_name == "__call__" else None
+    if kind is None:
       return next_fun(*args, **kwargs)
-    path = "/".join(str(p) for p in mdl.scope.path)
     cfg = _layer_quant(mdl, kind)
     check_servable(cfg, kind, path)
     ops = _operands(mdl, kind, *args, **kwargs)
@@ -323,19 +402,19 @@ class _ExportRecorder:
       idx, table = dq.export_indices(
           kernel, mdl.get_variable("params", "kernel_dq_levels"))
       ints = idx.astype(jnp.int8) - jnp.int8(2 ** (cfg.weight.bits - 1))
-      mdl.put_variable(SERVE, "kernel", ints)
-      mdl.put_variable(SERVE, "kernel_levels", table)
+      _put(mdl, "kernel", ints)
+      _put(mdl, "kernel_levels", table)
       w_q = Quantized(dq.lut_kernel(ints, table, cfg.weight.bits))
     else:
       w_q = quant_operand(mdl, "kernel", kernel, cfg.weight, ops.w_axes,
                           is_weight=True, want_int=True)
-      mdl.put_variable(SERVE, "kernel", w_q.ints)
-      mdl.put_variable(SERVE, "kernel_scale", w_q.qp.scale)
+      _put(mdl, "kernel", w_q.ints)
+      _put(mdl, "kernel_scale", w_q.qp.scale)
     stored = _stored_input(cfg.input)
     if stored:
-      mdl.put_variable(SERVE, "input_scale", x_q.qp.scale)
+      _put(mdl, "input_scale", x_q.qp.scale)
       if x_q.qp.zero_point is not None:
-        mdl.put_variable(SERVE, "input_zero_point", x_q.qp.zero_point)
+        _put(mdl, "input_zero_point", x_q.qp.zero_point)
     self.layers[path] = {
         "module": type(mdl).__name__, "kernel_shape": list(kernel.shape),
         "int_shape": list(kernel.shape if lut else w_q.ints.shape),
@@ -354,11 +433,13 @@ class ExportResult:
     directory: the checkpoint directory.
     layers: number of integer layers.
     served_bytes: served weights: integer kernels, scales and the remaining
-      params (BatchNorm, biases); batch_stats not counted.
+      params (float layers, BatchNorm, biases); batch_stats not counted.
     served_kernel_bytes: integer kernels and their scales.
     float_params_bytes: the float model's params (the trained params less
       the quantizer parameters).
-    float_kernel_bytes: the float kernels of the same layers.
+    float_kernel_bytes: the float kernels of the integer layers.
+    float_layers: number of modules whose params are stored as float (see
+      ``float_layers`` in the module docstring).
   """
 
   directory: str
@@ -367,6 +448,7 @@ class ExportResult:
   served_kernel_bytes: int
   float_params_bytes: int
   float_kernel_bytes: int
+  float_layers: int = 0
 
   @property
   def ratio(self) -> float:
@@ -382,11 +464,13 @@ def _nbytes(tree) -> int:
 
 
 def _as_variables(state: Any) -> dict:
-  """A variables dict from a dict or a `TrainState` (its ``variables()``)."""
+  """A variables dict from a dict or a `TrainState` (its ``variables()``),
+  with metadata boxes (``nn.with_logical_partitioning``'s
+  ``LogicallyPartitioned``, ``nn.Partitioned``) removed."""
   if isinstance(state, Mapping):
-    return dict(state)
+    return dict(nn.unbox(dict(state)))
   if callable(getattr(state, "variables", None)):
-    return dict(state.variables())
+    return dict(nn.unbox(dict(state.variables())))
   raise TypeError("export state must be a variables dict or a TrainState, got "
                   f"{type(state).__name__}")
 
@@ -404,12 +488,26 @@ def _unflat(flat: Mapping[str, Any]) -> dict:
 def _check_calibrated(layers: Mapping[str, dict], variables: Mapping) -> None:
   stats = _flat(variables.get(STATS, {}))
   for path, meta in layers.items():
-    if meta["quant"]["input"]["calibration"] == "static" and not int(
-        stats.get(f"{path}/input_count", 0)):
+    if meta["quant"]["input"]["calibration"] == "static" and not np.all(
+        np.asarray(stats.get(_join(path, "input_count"), 0)) > 0):
       raise ValueError(
           f"layer {path!r}: the static input range was never calibrated "
           f"({STATS} input_count is 0); run the model with mutable="
           f"['{STATS}'] on calibration data before export")
+
+
+def _lead_shape(ints: Any, meta: Mapping) -> tuple[int, ...]:
+  """The leading axes a lifted transform stacked onto a layer's integer
+  kernel (e.g. ``nn.scan`` over layers with ``variable_axes={'params': 0}``;
+  ``()`` otherwise)."""
+  shape, per = tuple(np.shape(ints)), tuple(meta["int_shape"])
+  lead = shape[:len(shape) - len(per)]
+  if shape[len(lead):] != per:
+    raise ValueError(
+        f"layer's integer kernel has shape {shape}, which does not end in its "
+        f"per-call shape {per}: a lifted transform stacks its params on a "
+        "non-leading axis; allowed: variable_axes {'params': 0}")
+  return lead
 
 
 def _finish_dq_layers(serve: dict, layers: Mapping[str, dict]) -> None:
@@ -420,58 +518,163 @@ def _finish_dq_layers(serve: dict, layers: Mapping[str, dict]) -> None:
   for path, meta in layers.items():
     if meta.get("weight") != "lut":
       continue
-    table = np.asarray(serve[f"{path}/kernel_levels"], np.float64)
+    table = np.asarray(serve[_join(path, "kernel_levels")], np.float64)
     gaps = np.diff(table, axis=-1)
     d = np.mean(gaps, axis=-1, keepdims=True)
     centre = table[..., :1] + d * 2 ** (meta["bits"] - 1)
     if not (np.all(d > 0) and np.all(np.abs(gaps - d) <= UNIFORM_RTOL * d)
             and np.all(np.abs(centre) <= UNIFORM_RTOL * d)):
       continue
-    del serve[f"{path}/kernel_levels"]
+    del serve[_join(path, "kernel_levels")]
+    lead = _lead_shape(serve[_join(path, "kernel")], meta)
     ndim = len(meta["int_shape"])
-    serve[f"{path}/kernel_scale"] = d.astype(np.float32).reshape(
-        (1,) * (ndim - 1) + (d.size,))
+    serve[_join(path, "kernel_scale")] = d.astype(np.float32).reshape(
+        lead + (1,) * (ndim - 1) + (-1,))
     meta["weight"] = "int"
+
+
+def _pack_kernel(ints: Any, meta: Mapping) -> np.ndarray:
+  """`pack_ints` of one layer's integer kernel; a kernel stacked by a lifted
+  transform is packed per layer, giving ``lead + (packed_size,)``."""
+  ints = np.asarray(ints)
+  lead = _lead_shape(ints, meta)
+  if not lead or storage_bits(meta["bits"]) == 8:
+    return pack_ints(ints, meta["bits"])
+  rows = ints.reshape((-1, math.prod(meta["int_shape"])))
+  return np.stack([pack_ints(r, meta["bits"]) for r in rows]).reshape(
+      lead + (-1,))
+
+
+def _take_serving(params: Mapping) -> dict[str, Any]:
+  """The serving arrays (`PARAM_PREFIX` names) out of a params tree, flat
+  (``'<layer path>/<name>'``)."""
+  out = {}
+  for k, v in _flat(params).items():
+    parent, _, name = k.rpartition("/")
+    if name.startswith(PARAM_PREFIX):
+      out[_join(parent, name[len(PARAM_PREFIX):])] = v
+  return out
+
+
+def _with_serving_params(tree: Mapping) -> dict:
+  """A serving variable dict as the model runs it: every layer's serving
+  arrays among its params (`PARAM_PREFIX`), no `SERVE` collection."""
+  params = _flat(tree.get("params", {}))
+  for k, v in _flat(tree.get(SERVE, {})).items():
+    parent, _, name = k.rpartition("/")
+    params[_join(parent, PARAM_PREFIX + name)] = v
+  out = {c: v for c, v in tree.items() if c not in ("params", SERVE)}
+  out["params"] = _unflat(params)
+  return out
+
+
+def _float_layers(params: Iterable[str], layers: Mapping[str, dict],
+                  modules: Mapping[str, str]) -> dict[str, dict]:
+  """Modules whose params are stored as they are (not integer layers):
+  path -> ``{'module': type name or None, 'params': [names]}``."""
+  groups: dict[str, list[str]] = {}
+  for k in params:
+    parent, _, name = k.rpartition("/")
+    if parent not in layers:
+      groups.setdefault(parent, []).append(name)
+  return {p: {"module": modules.get(p), "params": sorted(n)}
+          for p, n in sorted(groups.items())}
 
 
 def serving_tree(variables: Mapping, ints: Mapping, layers: Mapping[str, dict]
                  ) -> dict:
   """The serving variable dict from the trained variables and the recorded
-  integer kernels and scales (packs the kernels)."""
-  drop = {f"{p}/{n}" for p in layers for n in ("kernel",) + QUANTIZER_PARAMS}
+  integer kernels and scales (packs the kernels). Params of modules that
+  are not integer layers are kept as they are (float layers)."""
+  drop = {_join(p, n) for p in layers for n in ("kernel",) + QUANTIZER_PARAMS}
   params = {k: v for k, v in _flat(variables["params"]).items()
             if k not in drop}
-  floats = sorted(k for k in params if k.rsplit("/", 1)[-1] == "kernel")
-  if floats:
-    raise ValueError(
-        f"float kernels {floats} belong to layers that are not served as "
-        "integers (float or unmatched layers); give them an integer-"
-        "executable LayerQuant (weight and input 'uniform', 'lsq' or 'pact')")
   serve = _flat(ints)
   _finish_dq_layers(serve, layers)
   for path, meta in layers.items():
-    serve[f"{path}/kernel"] = pack_ints(serve[f"{path}/kernel"],
-                                        meta["bits"])
+    serve[_join(path, "kernel")] = _pack_kernel(serve[_join(path, "kernel")],
+                                                meta)
   tree = {"params": _unflat(params), SERVE: _unflat(serve)}
   if variables.get("batch_stats"):
     tree["batch_stats"] = variables["batch_stats"]
   return jax.tree.map(np.asarray, tree)
 
 
+class _Traced:
+  """Marks where an array stood among call arguments (see `_split_arrays`)."""
+
+  def __repr__(self):
+    return "<array>"
+
+
+_TRACED = _Traced()
+
+
+def _split_arrays(tree: Any, what: str) -> tuple[list, tuple]:
+  """Call arguments -> (their arrays, a hashable rest).
+
+  Array leaves (``jax.Array``, numpy arrays and scalars, PRNG keys) are
+  traced; every other leaf (Python bools, ints, strings, ...) is static and
+  must be hashable. `_merge_arrays` inverts it.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  arrays, static = [], []
+  for leaf in leaves:
+    if isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
+      arrays.append(leaf)
+      static.append(_TRACED)
+      continue
+    try:
+      hash(leaf)
+    except TypeError:
+      raise TypeError(
+          f"{what}: {leaf!r} ({type(leaf).__name__}) is neither an array nor "
+          "hashable; allowed: arrays (traced) or hashable values (static)"
+      ) from None
+    static.append(leaf)
+  return arrays, (treedef, tuple(static))
+
+
+def _merge_arrays(arrays: Sequence, static: tuple) -> Any:
+  """Inverse of `_split_arrays`."""
+  treedef, leaves = static
+  it = iter(arrays)
+  return treedef.unflatten([next(it) if leaf is _TRACED else leaf
+                            for leaf in leaves])
+
+
+def _example_args(example_input: Any) -> tuple:
+  """A tuple is the positional arguments; anything else the only one."""
+  return example_input if isinstance(example_input, tuple) else (
+      example_input,)
+
+
 def export(model: nn.Module, state: Any, example_input: Any, directory: str,
-           *, call_kwargs: Mapping[str, Any] | None = None) -> ExportResult:
+           *, call_kwargs: Mapping[str, Any] | None = None,
+           rngs: Mapping[str, Any] | None = None) -> ExportResult:
   """Writes the serving checkpoint of a trained model to `directory`.
+
+  Layers with an integer-executable LayerQuant are stored as integers;
+  modules the rules leave float (an entirely float LayerQuant, or a module
+  `aqt_ext.rules` cannot quantize: ``nn.Einsum``, ``nn.ConvTranspose``,
+  ``nn.Embed``, norms, ...) keep their params as they are and run their own
+  code when served.
 
   Args:
     model: the QAT model (QuantDense / QuantConv layers, or a
-      `quantize_model` wrapper); every conv / dense layer must have an
-      integer-executable LayerQuant (weight and input 'uniform', 'lsq' or
-      'pact'; a static input range must have been calibrated).
-    state: its trained variables, or a `aqt_ext.train.TrainState`.
-    example_input: one input batch (traces the model).
+      `quantize_model` wrapper). A layer whose LayerQuant quantizes a side
+      must be integer-executable (weight and input 'uniform', 'lsq', 'pact'
+      or DQ; a static input range must have been calibrated).
+    state: its trained variables, or a `aqt_ext.train.TrainState`; params
+      boxed by ``nn.with_logical_partitioning`` are unboxed.
+    example_input: an input batch, or a tuple of the positional arguments
+      of the model's call (traces the model; wrap a single tuple-valued
+      input as ``(inputs,)``).
     directory: a new directory (refused if it holds a checkpoint).
     call_kwargs: keyword arguments of the model's eval call, e.g.
-      ``{'train': False}``.
+      ``{'train': False}`` or ``{'z_rng': key}``.
+    rngs: PRNG keys of the streams the model draws from with ``make_rng``
+      (``model.apply``'s ``rngs``).
 
   Returns:
     An `ExportResult` with the sizes.
@@ -484,37 +687,44 @@ def export(model: nn.Module, state: Any, example_input: Any, directory: str,
     if os.path.exists(os.path.join(directory, name)):
       raise FileExistsError(f"{os.path.join(directory, name)} exists; export "
                             "to a new directory")
+  dyn, static = _split_arrays((_example_args(example_input), kwargs),
+                              "export example arguments")
   recorder = _ExportRecorder()
 
-  def record(v, x):
+  def record(v, dyn, rngs):
+    args, kw = _merge_arrays(dyn, static)
     with nn.intercept_methods(recorder):
-      _, extra = model.apply(v, x, mutable=[SERVE], **kwargs)
-    return extra.get(SERVE, {})
+      _, extra = model.apply(v, *args, rngs=rngs, mutable=["params"], **kw)
+    return _take_serving(extra["params"])
 
-  ints = jax.device_get(jax.jit(record)(variables, example_input))
-  if not recorder.layers:
+  ints = jax.device_get(jax.jit(record)(variables, dyn, rngs))
+  layers = recorder.layers
+  if not layers:
     raise ValueError("export: the model has no quantized QuantDense / "
                      "QuantConv / quantize_model layer to serve")
-  _check_calibrated(recorder.layers, variables)
-  tree = serving_tree(variables, ints, recorder.layers)
+  _check_calibrated(layers, variables)
+  tree = serving_tree(variables, ints, layers)
+  float_layers = _float_layers(_flat(tree["params"]), layers,
+                               recorder.modules)
 
   params = {k: v for k, v in _flat(variables["params"]).items()
             if not QUANT_PARAM_RE.search(k)}
   result = ExportResult(
-      directory=directory, layers=len(recorder.layers),
+      directory=directory, layers=len(layers),
       served_bytes=_nbytes((tree["params"], tree[SERVE])),
       served_kernel_bytes=_nbytes(
           [v for k, v in _flat(tree[SERVE]).items()
            if k.rsplit("/", 1)[-1] in ("kernel", "kernel_scale")]),
       float_params_bytes=_nbytes(params),
-      float_kernel_bytes=_nbytes([params[f"{p}/kernel"]
-                                  for p in recorder.layers]))
+      float_kernel_bytes=_nbytes([params[_join(p, "kernel")]
+                                  for p in layers]),
+      float_layers=len(float_layers))
   os.makedirs(directory, exist_ok=True)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.join(directory, ARRAYS_DIR), tree)
   ckptr.wait_until_finished()
   metadata = {"layout_version": LAYOUT_VERSION, "format": FORMAT,
-              "layers": recorder.layers,
+              "layers": layers, "float_layers": float_layers,
               "sizes": {k: v for k, v in dataclasses.asdict(result).items()
                         if k.endswith("bytes")}}
   tmp = os.path.join(directory, METADATA_FILE + ".tmp")
@@ -535,9 +745,8 @@ def _serve_input(mdl: nn.Module, x: jax.Array, tq: TensorQuant,
     return quant_operand(mdl, "input", x, tq, axes, is_weight=False,
                          want_int=True)
   qmin, qmax = qz.grid_range(tq.grid, tq.bits)
-  zp = (mdl.get_variable(SERVE, "input_zero_point")
-        if mdl.has_variable(SERVE, "input_zero_point") else None)
-  qp = qz.QParams(mdl.get_variable(SERVE, "input_scale"), zp, qmin, qmax)
+  qp = qz.QParams(_get(mdl, "input_scale"), _get(mdl, "input_zero_point"),
+                  qmin, qmax)
   return Quantized(None, qz.to_int(x, qp, tq.rounding), qp)
 
 
@@ -546,12 +755,12 @@ def _serve_kernel(mdl: nn.Module, tq: TensorQuant, ops: _Operands
   """The stored integer kernel (unpacked to int8) and its scale; for a DQ
   lookup-table layer, the kernel of table values."""
   shape = _int_shape(ops.kernel_shape, tq, ops.w_axes.feature)
-  ints = unpack_ints(mdl.get_variable(SERVE, "kernel"), tq.bits, shape)
-  if mdl.has_variable(SERVE, "kernel_levels"):
-    return Quantized(dq.lut_kernel(ints, mdl.get_variable(
-        SERVE, "kernel_levels"), tq.bits))
+  ints = unpack_ints(_get(mdl, "kernel"), tq.bits, shape)
+  levels = _get(mdl, "kernel_levels")
+  if levels is not None:
+    return Quantized(dq.lut_kernel(ints, levels, tq.bits))
   qmin, qmax = qz.grid_range(tq.grid, tq.bits)
-  qp = qz.QParams(mdl.get_variable(SERVE, "kernel_scale"), None, qmin, qmax)
+  qp = qz.QParams(_get(mdl, "kernel_scale"), None, qmin, qmax)
   return Quantized(None, ints, qp, tq.granularity == "per_group")
 
 
@@ -595,7 +804,13 @@ def _int_forward(mdl: nn.Module, kind: str, ops: _Operands, x_q: Quantized,
 
 
 def _serve_layer(mdl: nn.Module, kind: str, inputs: jax.Array) -> jax.Array:
-  """One quantized layer's forward from the serving variables."""
+  """One integer layer's forward from the serving variables."""
+  if _get(mdl, "kernel") is None:
+    raise ValueError(
+        f"layer {_path(mdl)!r} is quantized in the model but the serving "
+        "checkpoint holds no integer kernel for it (a float layer, or not in "
+        "the model that was exported); load with the model and rules that "
+        "were exported")
   cfg = _layer_quant(mdl, kind)
   ops = _operands(mdl, kind, inputs)
   return _int_forward(mdl, kind, ops,
@@ -604,69 +819,160 @@ def _serve_layer(mdl: nn.Module, kind: str, inputs: jax.Array) -> jax.Array:
 
 
 def _serve_interceptor(next_fun, args, kwargs, context):
-  kind = layer_kind(context.module)
-  if context.method_name != "__call__" or kind is None:
+  mdl = context.module
+  if context.method_name != "__call__":
     return next_fun(*args, **kwargs)
-  return _serve_layer(context.module, kind, *args, **kwargs)
+  kind = served_kind(mdl)
+  if kind is not None:
+    return _serve_layer(mdl, kind, *args, **kwargs)
+  if layer_kind(mdl) is not None and _get(mdl, "kernel") is not None:
+    raise ValueError(
+        f"layer {_path(mdl)!r} is float in the model but the serving "
+        "checkpoint holds it as an integer layer; load with the model and "
+        "rules that were exported")
+  return next_fun(*args, **kwargs)
 
 
 def serving_apply(model: nn.Module, variables: Mapping, *args, **kwargs):
-  """``model.apply`` on a serving variable dict, every quantized layer run
-  from its stored integer kernel (jit-able)."""
+  """``model.apply`` on a serving variable dict (as stored: ``params``,
+  `SERVE`, ``batch_stats``), every integer layer run from its stored
+  integer kernel, every float layer by its own code (jit-able)."""
   with nn.intercept_methods(_serve_interceptor):
-    return model.apply(variables, *args, **kwargs)
+    return model.apply(_with_serving_params(variables), *args, **kwargs)
 
 
 @dataclasses.dataclass
 class ServedModel:
-  """A loaded serving checkpoint: call it on a batch for the model output.
+  """A loaded serving checkpoint: call it as the model's ``apply`` without
+  the variables, ``served(x)``, ``served(a, b, train=False)``,
+  ``served(x, z_rng=key, rngs={'noise': key})``.
+
+  Array arguments (positional or keyword, also inside lists / dicts) are
+  traced; any other argument (bools, ints, strings) is static, must be
+  hashable and compiles one program per value. The compiled function is
+  kept on the instance.
 
   Attributes:
     model: the model definition the checkpoint was checked against.
     variables: the serving variable dict (see the module docstring).
     metadata: the contents of ``serving.json``.
     call_kwargs: keyword arguments of every call, e.g. ``{'train': False}``
-      (hashable values).
+      (a call's own keyword arguments override them).
+    rngs: PRNG keys for ``make_rng`` streams, used when a call passes none.
   """
 
   model: nn.Module
   variables: dict
   metadata: dict
   call_kwargs: dict = dataclasses.field(default_factory=dict)
+  rngs: dict | None = None
+  _jitted: Any = dataclasses.field(default=None, init=False, repr=False,
+                                   compare=False)
 
-  def __call__(self, x: Any) -> jax.Array:
-    return _jitted_serving(self.model, tuple(sorted(
-        self.call_kwargs.items())))(self.variables, x)
+  def _arguments(self, args, rngs, kwargs):
+    dyn, static = _split_arrays((args, {**self.call_kwargs, **kwargs}),
+                                "ServedModel call arguments")
+    return dyn, self.rngs if rngs is None else rngs, static
 
+  def _fn(self, variables, dyn, rngs, static):
+    args, kwargs = _merge_arrays(dyn, static)
+    return serving_apply(self.model, variables, *args, rngs=rngs, **kwargs)
 
-@functools.lru_cache(maxsize=32)
-def _jitted_serving(model: nn.Module, call_kwargs: tuple):
-  """One jitted `serving_apply` per (model, call kwargs): checkpoints of the
-  same model share compiled code."""
-  return jax.jit(functools.partial(serving_apply, model, **dict(call_kwargs)))
+  def __call__(self, *args, rngs: Mapping[str, Any] | None = None,
+               **kwargs) -> Any:
+    if self._jitted is None:
+      self._jitted = jax.jit(self._fn, static_argnums=3)
+    return self._jitted(self.variables, *self._arguments(args, rngs, kwargs))
+
+  def eval_shape(self, *args, rngs: Mapping[str, Any] | None = None,
+                 **kwargs) -> Any:
+    """The output's shapes and dtypes of a call (traces, runs nothing)."""
+    dyn, rngs, static = self._arguments(args, rngs, kwargs)
+    return jax.eval_shape(functools.partial(self._fn, static=static),
+                          self.variables, dyn, rngs)
 
 
 def read_metadata(directory: str) -> dict:
-  """``serving.json``, its layout version checked."""
+  """``serving.json``, its layout version checked.
+
+  Raises FileNotFoundError where it is missing (an incomplete export),
+  `ServingFormatError` where it is not a serving checkpoint's metadata
+  (e.g. truncated), ValueError on a layout version this code cannot read.
+  """
   path = os.path.join(directory, METADATA_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: not a (complete) serving "
                             "checkpoint")
-  with open(path) as f:
-    metadata = json.load(f)
-  found = metadata.get("layout_version")
-  if found not in READABLE_VERSIONS:
+  try:
+    with open(path) as f:
+      metadata = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ServingFormatError(
+        f"{path} is not valid JSON ({e}): the serving checkpoint is damaged "
+        "or truncated; export the model again") from e
+  found = metadata.get("layout_version") if isinstance(metadata,
+                                                       dict) else None
+  if isinstance(metadata, dict) and found not in READABLE_VERSIONS:
     raise ValueError(f"serving checkpoint {directory} has layout_version="
                      f"{found!r}; this code reads layout_version in "
                      f"{READABLE_VERSIONS}")
+  if not (isinstance(metadata, dict)
+          and isinstance(metadata.get("layers"), dict)
+          and isinstance(metadata.get("float_layers", {}), dict)):
+    raise ServingFormatError(
+        f"{path} lacks the 'layers' mapping of a serving checkpoint: the "
+        "file is damaged or not a serving checkpoint; export the model "
+        "again")
   return metadata
 
 
+def _read_arrays(directory: str) -> dict:
+  """The ``arrays/`` tree; `ServingFormatError` (naming the directory) where
+  orbax cannot read it."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.join(directory, ARRAYS_DIR)
+  try:
+    tree = ocp.StandardCheckpointer().restore(path)
+  except Exception as e:  # pylint: disable=broad-except
+    silence_aborted_restore_echoes()
+    cause = (str(e).strip().splitlines() or [""])[0]
+    cause = cause.split(" [tensorstore_spec", 1)[0][:600]
+    raise ServingFormatError(
+        f"{path}: the serving arrays cannot be read ({type(e).__name__}: "
+        f"{cause}); the export is damaged or incomplete; export the model "
+        "again") from e
+  if not (isinstance(tree, Mapping) and isinstance(tree.get(SERVE), Mapping)
+          and isinstance(tree.get("params", {}), Mapping)):
+    raise ServingFormatError(
+        f"{path} does not hold a serving variable dict (collections "
+        f"{sorted(tree) if isinstance(tree, Mapping) else type(tree)}; "
+        f"expected 'params' and {SERVE!r}); export the model again")
+  return dict(tree)
+
+
+def _init_rngs(rngs: Mapping[str, Any] | None) -> dict:
+  """PRNG keys for an abstract ``model.init``: ``params`` and the streams
+  of `rngs`."""
+  return {name: jax.random.PRNGKey(0)
+          for name in ("params", *sorted(rngs or {}))}
+
+
 def check_shapes(tree: Mapping, metadata: Mapping, model: nn.Module,
-                 example_input: Any, call_kwargs: Mapping[str, Any]) -> None:
-  """Checks the serving arrays against the shapes `model` expects."""
-  expected = jax.eval_shape(functools.partial(model.init, **call_kwargs),
-                            jax.random.PRNGKey(0), example_input)
+                 example_input: Any, call_kwargs: Mapping[str, Any],
+                 rngs: Mapping[str, Any] | None = None) -> None:
+  """Checks the serving arrays against the shapes `model` expects.
+
+  `example_input` as in `export` (an input or a tuple of positional
+  arguments); `rngs` names the ``make_rng`` streams the model draws from.
+  """
+  dyn, static = _split_arrays((_example_args(example_input),
+                               dict(call_kwargs)), "load example arguments")
+
+  def init(rngs, dyn):
+    args, kwargs = _merge_arrays(dyn, static)
+    return model.init(rngs, *args, **kwargs)
+
+  expected = nn.unbox(jax.eval_shape(init, _init_rngs(rngs), dyn))
   layers = metadata["layers"]
   want = {f"params/{k}": v.shape for k, v in _flat(expected["params"]).items()}
   want.update({f"batch_stats/{k}": v.shape
@@ -676,18 +982,22 @@ def check_shapes(tree: Mapping, metadata: Mapping, model: nn.Module,
     return ValueError(f"parameter {name!r}: the serving checkpoint has shape "
                       f"{tuple(found)}, the model expects {tuple(wanted)}")
 
+  serving = _flat(tree[SERVE])
   for path, meta in layers.items():
-    name = f"params/{path}/kernel"
+    name = "params/" + _join(path, "kernel")
     if name not in want:
       raise ValueError(f"parameter {name!r} of the serving checkpoint is not "
                        "in the model")
-    if tuple(meta["kernel_shape"]) != tuple(want[name]):
-      raise mismatch(name, meta["kernel_shape"], want[name])
-    stored = np.shape(_flat(tree[SERVE])[f"{path}/kernel"])
-    if math.prod(stored) != packed_size(meta["bits"], meta["int_shape"]):
-      raise mismatch(f"{SERVE}/{path}/kernel", stored,
-                     (packed_size(meta["bits"], meta["int_shape"]),))
-  skip = {f"params/{p}/{n}" for p in layers for n in ("kernel",)
+    per, wanted = tuple(meta["kernel_shape"]), tuple(want[name])
+    lead = wanted[:len(wanted) - len(per)]  # stacked by a lifted transform
+    if wanted[len(lead):] != per:
+      raise mismatch(name, per, wanted)
+    stored = np.shape(serving.get(_join(path, "kernel")))
+    if math.prod(stored) != math.prod(lead) * packed_size(
+        meta["bits"], meta["int_shape"]):
+      raise mismatch(f"{SERVE}/" + _join(path, "kernel"), stored,
+                     lead + (packed_size(meta["bits"], meta["int_shape"]),))
+  skip = {"params/" + _join(p, n) for p in layers for n in ("kernel",)
           + QUANTIZER_PARAMS}
   have = {f"{c}/{k}": np.shape(v) for c in ("params", "batch_stats")
           for k, v in _flat(tree.get(c, {})).items()}
@@ -704,21 +1014,29 @@ def check_shapes(tree: Mapping, metadata: Mapping, model: nn.Module,
 
 
 def load(directory: str, model: nn.Module, example_input: Any, *,
-         call_kwargs: Mapping[str, Any] | None = None) -> ServedModel:
+         call_kwargs: Mapping[str, Any] | None = None,
+         rngs: Mapping[str, Any] | None = None) -> ServedModel:
   """Reads a serving checkpoint, checks it against `model`, returns a
   `ServedModel`.
 
+  `example_input`, `call_kwargs` and `rngs` as in `export`; `call_kwargs`
+  and `rngs` become the served model's defaults. The model is traced once
+  (abstractly) on them, so that a layer quantized in the model but float in
+  the checkpoint, or the reverse, is refused here.
+
   Raises ValueError on another layout version (naming both) or on a shape
-  that differs from the model's (naming the parameter and both shapes).
+  that differs from the model's (naming the parameter and both shapes);
+  `ServingFormatError` (a ValueError) on a damaged file, naming it.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = os.path.abspath(os.fspath(directory))
   metadata = read_metadata(directory)
-  tree = ocp.StandardCheckpointer().restore(
-      os.path.join(directory, ARRAYS_DIR))
+  tree = _read_arrays(directory)
   kwargs = dict(call_kwargs or {})
-  check_shapes(tree, metadata, model, example_input, kwargs)
-  return ServedModel(model, dict(tree), metadata, kwargs)
+  check_shapes(tree, metadata, model, example_input, kwargs, rngs)
+  served = ServedModel(model, jax.device_put(tree), metadata, kwargs,
+                       None if rngs is None else dict(rngs))
+  served.eval_shape(*_example_args(example_input))
+  return served
 
 
 def int_execution(quant: ModelQuant) -> ModelQuant:
@@ -733,6 +1051,7 @@ def int_execution(quant: ModelQuant) -> ModelQuant:
 
 
 __all__ = ["LAYOUT_VERSION", "FORMAT", "SERVE", "ExportResult", "ServedModel",
-           "check_servable", "check_shapes", "export", "int_execution",
-           "load", "pack_ints", "packed_size", "read_metadata",
+           "ServingFormatError", "check_servable", "check_shapes", "export",
+           "int_execution", "load", "pack_ints", "packed_size",
+           "read_metadata", "served_kind",
            "serving_apply", "serving_tree", "storage_bits", "unpack_ints"]

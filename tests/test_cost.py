@@ -7,6 +7,7 @@ from aqt_ext.config import ModelQuant, layer_preset, parse_spec
 from aqt_ext.cost import LayerCost, ModelCost, format_table, model_cost
 from aqt_ext.layers import QuantConv, QuantDense
 from aqt_ext.models import FIRST_LAYER, LAST_LAYER, create_model
+from aqt_ext.rules import quantize_model
 
 # AQT's pinned values for ResNet-50 v1.5, 224x224, 1000 classes (design §8).
 R50_MACS = 4_089_184_256
@@ -154,3 +155,59 @@ def test_layer_cost_fields():
                     feature_group_count=1, weight_bits=4, input_bits=8)
   assert (layer.macs, layer.bops, layer.weights, layer.memory_bits) == (
       6, 192, 6, 24)
+
+
+W4A4_SIGNED = layer_preset("uniform", 4, 4, signed_input=True)
+
+
+class MLP(nn.Module):
+  """16 -> 8 -> 4, with nn.Dense or (given `quant`) QuantDense layers."""
+
+  quant: object = None
+
+  @nn.compact
+  def __call__(self, x):
+    for i, features in enumerate((8, 4)):
+      if i:
+        x = nn.relu(x)
+      x = (nn.Dense(features, name=f"Dense_{i}") if self.quant is None else
+           QuantDense(features, quant=self.quant, name=f"Dense_{i}"))(x)
+    return x
+
+
+def test_a_quantize_model_wrapper_counts_each_layer_once_at_its_bits():
+  """The wrapper runs each matched nn.Dense as a QuantDense in its scope;
+  only that contraction counts, as if the model were written with
+  QuantDense."""
+  wrapped = model_cost(quantize_model(MLP(), [(".*", W4A4_SIGNED)]), (16,))
+  direct = model_cost(MLP(quant=W4A4_SIGNED), (16,))
+  float_cost = model_cost(MLP(), (16,))
+  assert wrapped.layers == direct.layers
+  assert [(l.path, l.weight_bits, l.input_bits) for l in wrapped.layers] == [
+      ("Dense_0", 4, 4), ("Dense_1", 4, 4)]
+  macs = 16 * 8 + 8 * 4
+  assert wrapped.macs == float_cost.macs == macs
+  assert wrapped.bops == macs * 4 * 4 < float_cost.bops == macs * 16 * 16
+  assert wrapped.weight_bits == macs * 4
+
+
+class Attention(nn.Module):
+  """DenseGeneral projections, as in attention: (5, 8) -> (5, 2, 4) -> 8."""
+
+  @nn.compact
+  def __call__(self, x):
+    q = nn.DenseGeneral((2, 4), name="query")(x)
+    return nn.DenseGeneral(8, axis=(-2, -1), name="out")(q)
+
+
+def test_dense_general_counts_its_contracting_axes():
+  float_cost = model_cost(Attention(), (5, 8))
+  wrapped = model_cost(quantize_model(Attention(), [(".*", W4A4_SIGNED)]),
+                       (5, 8))
+  for cost, bits in ((float_cost, 16), (wrapped, 4)):
+    assert [(l.path, l.kernel_shape, l.output_shape, l.macs, l.weight_bits,
+             l.input_bits) for l in cost.layers] == [
+                 ("query", (8, 2, 4), (1, 5, 2, 4), 5 * 8 * 8, bits, bits),
+                 ("out", (2, 4, 8), (1, 5, 8), 5 * 8 * 8, bits, bits)]
+    assert cost.bops == 2 * 320 * bits * bits
+    assert cost.weights == 2 * 64

@@ -1,6 +1,8 @@
 """quantize_model on ordinary Flax models that know nothing of aqt_ext."""
 
 import functools
+import subprocess
+import sys
 import warnings
 
 import flax.linen as nn
@@ -11,8 +13,10 @@ import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from aqt_ext import quantizers as qz
-from aqt_ext.config import LayerQuant, ModelQuant, TensorQuant, parse_spec
-from aqt_ext.layers import QuantConv, QuantDense
+from aqt_ext.config import (LayerQuant, ModelQuant, TensorQuant, layer_preset,
+                            parse_spec)
+from aqt_ext.layers import (QuantConv, QuantDense, QuantInitWarning,
+                            calibrate_lsq_steps)
 from aqt_ext.rules import QuantDotGeneral, QuantizedModel, quantize_model
 
 FLOAT = LayerQuant()
@@ -389,3 +393,234 @@ def test_layers_that_cannot_be_mirrored_raise():
 def test_quantized_model_is_a_flax_module():
   model = quantize_model(MLP(), [(".*", W8A8)])
   assert isinstance(model, QuantizedModel) and isinstance(model, nn.Module)
+
+
+# ---------------------------------------------------------------------------
+# Rules that quantize nothing, and rules that configure no layer.
+# ---------------------------------------------------------------------------
+
+def _warnings_of(fn, category=UserWarning) -> list[str]:
+  """The messages of the `category` warnings that `fn()` emits, callbacks
+  included."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    jax.block_until_ready(fn())
+    jax.effects_barrier()
+  return [str(w.message) for w in caught if issubclass(w.category, category)]
+
+
+def test_a_model_run_through_the_nnx_bridge_warns_that_nothing_is_quantized():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  class NNXMLP(nnx.Module):
+    def __init__(self, rngs):
+      self.l1 = nnx.Linear(12, 8, rngs=rngs)
+      self.l2 = nnx.Linear(8, 4, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l2(nnx.relu(self.l1(x)))
+
+  model = quantize_model(nnx.bridge.to_linen(NNXMLP), [(".*", W8A8_SIGNED)])
+  got = _warnings_of(lambda: _abstract_init(model, MLP_X))
+  assert len(got) == 1
+  assert "nothing is quantized" in got[0]
+  assert "no nn.Dense/nn.DenseGeneral/nn.Conv layer was called" in got[0]
+  assert "NNX models are not supported" in got[0]
+  assert model.report(None, *MLP_X).layers == {}
+
+
+def test_rules_matching_no_layer_path_warn_with_the_paths_and_patterns():
+  model = quantize_model(MLP(), [("^encoder", W8A8_SIGNED)])
+  (got,) = _warnings_of(lambda: _abstract_init(model, MLP_X))
+  assert "nothing is quantized" in got and "'^encoder'" in got
+  assert "'Dense_0', 'Dense_1', 'Dense_2'" in got
+
+
+def test_each_rule_that_configures_no_layer_warns():
+  model = quantize_model(MLP(), [("Dense", W8A8_SIGNED), ("_0$", LSQ),
+                                 ("head", FLOAT)])
+  got = _warnings_of(lambda: _abstract_init(model, MLP_X))
+  assert len(got) == 2, got
+  assert "rule 1 ('_0$') configures no layer: every layer it matches " \
+         "('Dense_0') is taken by an earlier rule" in got[0]
+  assert "rule 2 ('head') configures no layer: it matches none of the " \
+         "layer paths 'Dense_0', 'Dense_1', 'Dense_2'" in got[1]
+
+
+def test_rules_that_all_select_something_do_not_warn():
+  cls, args, kwargs, _ = CASES["cnn"]
+  # A float rule keeping BatchNorm float is not a rule that matches nothing.
+  model = quantize_model(cls(), [("BatchNorm", FLOAT), (".*", W8A8_SIGNED)])
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    _abstract_init(model, args, kwargs)
+    _abstract_init(quantize_model(MLP(), [(".*", FLOAT)]), MLP_X)
+
+
+# ---------------------------------------------------------------------------
+# Inputs on a grid without negative values.
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,how", [
+    ("uniform", "jit"), ("lsq", "jit"), ("pact", "jit"), ("lsq", "eager"),
+    ("lsq", "jit_closure")])
+def test_unsigned_input_grid_seeing_negative_values_warns(method, how):
+  """Only Dense_0 sees negative values (the others follow a ReLU); it warns
+  once, at jitted init (a callback), at eager init and at a jitted init that
+  closes over the input (on the host), naming itself, the fraction and the
+  fix."""
+  (x,) = MLP_X
+  model = quantize_model(MLP(), [(".*", layer_preset(method, 4, 4))])
+  frac = float(np.mean(x < 0))
+  assert 0.3 < frac < 0.7
+  x_array = jnp.asarray(x)  # a concrete array inside the jit trace
+  init = {"jit": lambda k: jax.jit(model.init)(k, x),
+          "eager": lambda k: model.init(k, x),
+          "jit_closure": jax.jit(lambda k: model.init(k, x_array))}[how]
+  got = _warnings_of(lambda: init(jax.random.PRNGKey(0)), QuantInitWarning)
+  assert len(got) == 1, got
+  assert got[0].startswith("aqt_ext: layer 'Dense_0': its input")
+  assert f"{frac:.1%} of the values it sees are negative" in got[0]
+  assert "signed_input=True" in got[0] and "grid='full'" in got[0]
+  if how == "jit":
+    signed = quantize_model(MLP(), [(".*", layer_preset(method, 4, 4,
+                                                        signed_input=True))])
+    assert _warnings_of(lambda: jax.jit(signed.init)(jax.random.PRNGKey(0), x),
+                        QuantInitWarning) == []
+
+
+def test_negative_inputs_warn_at_the_first_static_calibration_only():
+  (x,) = MLP_X
+  static = LayerQuant(TensorQuant("uniform", 8, granularity="per_channel"),
+                      TensorQuant("uniform", 8, grid="unsigned",
+                                  calibration="static"))
+  layer = QuantDense(3, quant=static)
+  float_vars = nn.Dense(3).init(jax.random.PRNGKey(0), x)
+  calibrate = jax.jit(functools.partial(layer.apply, mutable=["quant_stats"]))
+  got = _warnings_of(lambda: calibrate(float_vars, x), QuantInitWarning)
+  assert len(got) == 1 and "(top-level QuantDense): its input" in got[0]
+  _, stats = calibrate(float_vars, x)
+  assert int(stats["quant_stats"]["input_count"]) == 1
+  assert _warnings_of(lambda: calibrate({**float_vars, **stats}, x),
+                      QuantInitWarning) == []
+
+
+# ---------------------------------------------------------------------------
+# Layers inside nn.scan / nn.RNN.
+# ---------------------------------------------------------------------------
+
+LSQ8_SIGNED = layer_preset("lsq", 8, 8, signed_input=True)
+SEQ = RNG.normal(size=(2, 5, 4)).astype(np.float32)  # (batch, time, features)
+LSTM_GATES = ("ii", "if", "ig", "io", "hi", "hf", "hg", "ho")
+
+
+class _Cell(nn.Module):
+  @nn.compact
+  def __call__(self, carry, x):
+    return carry, nn.Dense(3, name="d")(x)
+
+
+class ScanModel(nn.Module):
+  """A Dense, then a Dense inside nn.scan over time."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(4, name="pre")(x)
+    scan = nn.scan(_Cell, variable_broadcast="params",
+                   split_rngs={"params": False}, in_axes=1, out_axes=1)
+    return scan(name="scan")(jnp.zeros(()), x)[1]
+
+
+def test_negative_inputs_inside_scan_warn_once_per_layer():
+  """'scan/d' sees negative values at each of the 5 steps; it warns once."""
+  model = quantize_model(ScanModel(), [(".*", layer_preset("uniform", 8, 8))])
+  got = _warnings_of(lambda: model.init(jax.random.PRNGKey(0), SEQ),
+                     QuantInitWarning)
+  assert sorted(m.split(":")[1] for m in got) == [" layer 'pre'",
+                                                   " layer 'scan/d'"]
+
+
+def _float_params(params):
+  return unflatten_dict({k: v for k, v in flatten_dict(params).items()
+                         if k[-1] in ("kernel", "bias")})
+
+
+def test_lsq_inside_rnn_inits_applies_trains_and_is_close_to_float():
+  """nn.RNN(nn.LSTMCell): init warns that the input steps start data-free;
+  calibrate_lsq_steps sets them from data; 8-bit LSQ is then close to the
+  float model, and every step gets a finite, non-zero gradient."""
+  float_model = nn.RNN(nn.LSTMCell(8))
+  model = quantize_model(float_model, [(".*", LSQ8_SIGNED)])
+  with pytest.warns(QuantInitWarning, match=r"layer 'cell/ii': its input LSQ "
+                    r"step cannot be initialised from data inside a loop body"
+                    r".*calibrate_lsq_steps"):
+    v = jax.jit(model.init)(jax.random.PRNGKey(0), SEQ)
+  assert set(v["params"]) == {"cell"}
+  assert set(v["params"]["cell"]) == set(LSTM_GATES)
+  assert set(model.report(None, SEQ).quantized) == {
+      f"cell/{g}" for g in LSTM_GATES}
+  v = calibrate_lsq_steps(model, v, SEQ)
+  ref = jax.jit(float_model.apply)({"params": _float_params(v["params"])},
+                                    SEQ)
+  assert _rel_err(jax.jit(model.apply)(v, SEQ), ref) < 0.1
+  grads = _grads(model, v, (SEQ,), {})
+  for k, g in grads.items():
+    assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).sum()) > 0, k
+
+
+def test_rules_inside_rnn_see_the_variable_paths():
+  model = quantize_model(nn.RNN(nn.LSTMCell(8)), [("^cell/ii$", LSQ8_SIGNED)])
+  with pytest.warns(QuantInitWarning):
+    params = _abstract_init(model, (SEQ,))["params"]["cell"]
+  assert [g for g in LSTM_GATES if "input_lsq_step" in params[g]] == ["ii"]
+
+
+def test_lsq_steps_outside_scan_from_init_data_inside_from_calibration():
+  model = quantize_model(ScanModel(), [(".*", LSQ8_SIGNED)])
+  with pytest.warns(QuantInitWarning, match="layer 'scan/d'"):
+    v = jax.jit(model.init)(jax.random.PRNGKey(0), SEQ)
+  p = v["params"]
+  np.testing.assert_allclose(p["pre"]["input_lsq_step"],
+                             qz.lsq_init_step(SEQ, "full", 8, (0, 1, 2)),
+                             rtol=1e-6)
+  np.testing.assert_allclose(p["scan"]["d"]["input_lsq_step"],
+                             [[2 / np.sqrt(127)]], rtol=1e-6)
+  cal = calibrate_lsq_steps(model, v, SEQ)
+  # 'scan/d' saw the quantized 'pre' layer's output, at every time step.
+  pre_out = jax.jit(quantize_model(nn.Dense(4), [(".*", LSQ8_SIGNED)]).apply)(
+      {"params": p["pre"]}, SEQ)
+  np.testing.assert_allclose(
+      cal["params"]["scan"]["d"]["input_lsq_step"],
+      qz.lsq_init_step(pre_out, "full", 8, (0, 1, 2)).reshape(1, 1),
+      rtol=1e-5)
+  changed = {k for k, a in flatten_dict(cal["params"]).items()
+             if not np.array_equal(a, flatten_dict(p)[k])}
+  assert changed == {("scan", "d", "input_lsq_step")}  # pre's was from data
+  with pytest.raises(ValueError, match="no input with.*'lsq'"):
+    calibrate_lsq_steps(quantize_model(ScanModel(), [(".*", W8A8_SIGNED)]),
+                        {"params": _float_params(p)}, SEQ)
+
+
+# ---------------------------------------------------------------------------
+# The package.
+# ---------------------------------------------------------------------------
+
+def test_submodules_are_attributes_imported_on_first_use():
+  code = """
+import sys
+import aqt_ext
+heavy = sorted(m for m in sys.modules
+               if m.split('.')[0] in ('orbax', 'tensorflow')
+               or m in ('aqt_ext.serve', 'aqt_ext.train', 'aqt_ext.sweep'))
+assert not heavy, heavy
+assert callable(aqt_ext.serve.export) and callable(aqt_ext.serve.load)
+assert callable(aqt_ext.cost.model_cost)
+assert 'aqt_ext.serve' in sys.modules
+try:
+  aqt_ext.no_such_module
+except AttributeError as e:
+  assert 'no_such_module' in str(e)
+else:
+  raise AssertionError('no AttributeError')
+"""
+  subprocess.run([sys.executable, "-c", code], check=True, timeout=1800)
