@@ -362,6 +362,13 @@ def parse_spec(spec: str, *, first: str | None = None,
         f"quant spec {spec!r} is not valid; allowed: 'float', 'bf16' or "
         "'[METHOD:]wWaA[_flB]' with METHOD in "
         f"{', '.join(QUANT_METHODS)} and W, A, B in 2..8 or 'f'")
+  for group, what in (("w", "weight"), ("a", "input"),
+                      ("fl", "first/last-layer")):
+    b = m.group(group)
+    if b not in (None, "f") and not MIN_BITS <= int(b) <= MAX_BITS:
+      raise ValueError(
+          f"quant spec {spec!r}: {what} bits {b} are out of range; allowed: "
+          f"{MIN_BITS}..{MAX_BITS} or 'f' (float)")
   method = m.group("method") or "uniform"
   bits = lambda s: None if s in (None, "f") else int(s)  # noqa: E731
   default = layer_preset(method, bits(m.group("w")), bits(m.group("a")))

@@ -32,6 +32,7 @@ import pathlib
 import queue
 import tempfile
 import threading
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -192,17 +193,37 @@ def _missing_data_message(name: str, data_dir: str) -> str:
 
 
 def _check_idx_file(path: pathlib.Path) -> None:
-  """Checks the IDX header: magic number and the 60000/10000 example count."""
-  with gzip.open(path, "rb") as f:
-    magic, count = np.frombuffer(f.read(8), dtype=">u4")
-  expected_magic = (
-      _IDX_LABELS_MAGIC if "labels" in path.name else _IDX_IMAGES_MAGIC)
+  """Checks a gzipped Fashion-MNIST IDX file whole: it decompresses, its
+  header has the magic number and the 60000/10000 example count, and its
+  length is the header's (28 x 28 images, or labels)."""
+  remedy = ("Reinstall the package: `apt-get install --reinstall "
+            "dataset-fashion-mnist`.")
+  try:
+    with gzip.open(path, "rb") as f:
+      data = f.read()
+  except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+    raise ValueError(
+        f"{path} is damaged: it does not decompress ({type(e).__name__}: "
+        f"{e}). {remedy}") from None
+  is_labels = "labels" in path.name
+  header = 8 if is_labels else 16
+  if len(data) < header:
+    raise ValueError(f"{path} is damaged: {len(data)} bytes after "
+                     f"decompression, shorter than the IDX header. {remedy}")
+  magic, count = (int(v) for v in np.frombuffer(data[:8], dtype=">u4"))
+  expected_magic = _IDX_LABELS_MAGIC if is_labels else _IDX_IMAGES_MAGIC
   expected_count = 60_000 if path.name.startswith("train") else 10_000
   if (magic, count) != (expected_magic, expected_count):
     raise ValueError(
         f"{path} is not a Fashion-MNIST IDX file: header (magic, count) is "
-        f"{(int(magic), int(count))}, expected "
-        f"{(expected_magic, expected_count)}.")
+        f"{(magic, count)}, expected {(expected_magic, expected_count)}. "
+        f"{remedy}")
+  expected = header + count * (1 if is_labels else 28 * 28)
+  if len(data) != expected:
+    raise ValueError(
+        f"{path} is damaged: {len(data)} bytes after decompression, expected "
+        f"{expected} (header and {count} "
+        f"{'labels' if is_labels else '28 x 28 images'}). {remedy}")
 
 
 def _build_from_local_files(builder: Any, source_dir: pathlib.Path) -> None:
@@ -213,8 +234,9 @@ def _build_from_local_files(builder: Any, source_dir: pathlib.Path) -> None:
   local files under those names in a temporary download dir and let the
   builder prepare itself as usual. The registered sha256 cannot match: the
   Debian files have a different gzip header (no original-file-name field,
-  which is exactly their size difference, and another mtime). Each file's
-  IDX header (magic number, example count) is checked instead.
+  which is exactly their size difference, and another mtime). Each file is
+  checked whole instead (`_check_idx_file`), so a damaged one is named with
+  what to do before TFDS reads it.
   """
   # pylint: disable-next=g-import-not-at-top
   from tensorflow_datasets.core.download import resource

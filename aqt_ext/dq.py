@@ -486,10 +486,13 @@ def _static_clip(mdl: nn.Module, name: str, x: jax.Array, tq: TensorQuant
 
 def _input_alpha(mdl: nn.Module, name: str, x: jax.Array, tq: TensorQuant
                  ) -> jax.Array:
-  """The clip of the input: the EMA (static) or the parameter (dynamic)."""
+  """The clip of the input: the EMA (static) or the parameter (dynamic),
+  the latter read through `quantizers.positive` (a learned clip that an
+  update carried below zero still clips at its magnitude)."""
   if tq.calibration == "static":
     return _static_clip(mdl, name, x, tq)
-  return mdl.param(f"{name}_dq_alpha", lambda _: init_alpha(x, tq))
+  return qz.positive(mdl.param(f"{name}_dq_alpha",
+                               lambda _: init_alpha(x, tq)))
 
 
 def input_qparams(mdl: nn.Module, name: str, x: jax.Array, tq: TensorQuant

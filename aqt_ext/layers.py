@@ -9,6 +9,20 @@ starting from a float checkpoint. Static activation ranges live
 in the ``quant_stats`` collection: updated when that collection is mutable,
 frozen otherwise (like BatchNorm's ``batch_stats``).
 
+Data-driven initialisation and input grids. LSQ's input step is
+initialised from the batch given to ``init`` (``2 mean|x| / sqrt(Qp)``).
+Inside a loop body (``nn.scan``, hence ``nn.RNN``; ``nn.while_loop``) flax
+cannot create a parameter from the loop's data: there the input step starts
+at the same formula for an input of ones and a `QuantInitWarning` says so;
+`calibrate_lsq_steps` then sets every input step from data (averaged over
+all calls, every loop step included). Inputs whose grid cannot hold negative
+values (``grid='unsigned'``, PACT) warn, with a `QuantInitWarning` naming the
+layer, when they see negative values at ``init``, when their parameter is
+created, or at the first update of a static range (once per layer and trace,
+on concrete or traced values; inside a loop body only where the loop's
+outputs are computed, e.g. at an eager ``init``, not a jitted one, which
+computes the variables only).
+
 Inputs with ``rounding='border'`` (AQuant) round with per-channel border
 parameters from the ``aquant`` collection, in fake and integer execution.
 
@@ -23,7 +37,9 @@ multiplies by the input scale, then the weight scale (AQT's order).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+import functools
+import warnings
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -32,6 +48,7 @@ import numpy as np
 from flax.linen import initializers
 from flax.linen.dtypes import promote_dtype
 from flax.linen.linear import canonicalize_padding
+from flax.traverse_util import flatten_dict, unflatten_dict
 from jax import lax
 
 from aqt_ext import quantizers as qz
@@ -89,6 +106,199 @@ def border_rounding(mdl: nn.Module, name: str, channels: int,
                             qp.qmax)
 
 
+class QuantInitWarning(UserWarning):
+  """A quantizer that could not be set from the data, or data that do not
+  fit the quantizer's grid (see the module docstring)."""
+
+
+def layer_name(mdl: nn.Module) -> str:
+  """`mdl`'s module path, ``'/'``-joined and quoted, for messages."""
+  path = "/".join(str(p) for p in mdl.scope.path)
+  return repr(path) if path else f"(top-level {type(mdl).__name__})"
+
+
+# Flax loop transforms, as their scopes name them (``'scan(cell)'``).
+LOOP_TRANSFORMS = ("scan", "while_loop")
+
+
+def in_lifted_loop(mdl: nn.Module) -> bool:
+  """Whether `mdl` runs inside the body of a flax loop transform
+  (``nn.scan``, hence ``nn.RNN``; ``nn.while_loop``).
+
+  There flax traces the body once more to create the broadcast variables:
+  a parameter computed from the body's data is refused ("broadcasted variable
+  has a data dependency on the scan body"), and since flax 0.12.12 so is
+  any ``jax.debug.callback`` on that data.
+  """
+  prefixes = tuple(f"{t}(" for t in LOOP_TRANSFORMS)
+  return any(str(p).startswith(prefixes)
+             for p in getattr(mdl.scope, "debug_path", ()))
+
+
+def host_call(mdl: nn.Module, fn: Callable[..., None], x: jax.Array,
+              *args) -> jax.Array:
+  """Calls ``fn(*args)`` on the host with the values of `args`; returns `x`,
+  to be used in place of `x`.
+
+  Concrete `args` are passed at once; traced ones by ``jax.debug.callback``,
+  or, inside a loop body (`in_lifted_loop`), by a ``jax.pure_callback``
+  whose zero result is added to `x`: it runs where `x` is used (not where
+  the loop's outputs are dead code, as in a jitted ``init``) and drops out
+  of flax's pass that creates the loop's broadcast variables.
+  """
+  if not any(isinstance(a, jax.core.Tracer) for a in args):
+    fn(*args)
+    return x
+  if not in_lifted_loop(mdl):
+    jax.debug.callback(fn, *args)
+    return x
+
+  def call(*values):
+    fn(*values)
+    return np.zeros((), np.float32)
+
+  zero = jax.pure_callback(call, jax.ShapeDtypeStruct((), jnp.float32),
+                           *map(lax.stop_gradient, args),
+                           vmap_method="sequential")
+  return x + zero.astype(x.dtype)
+
+
+def lsq_step_init(mdl: nn.Module, name: str, view: jax.Array, grid: str,
+                  bits: int, red: Sequence[int], is_weight: bool
+                  ) -> jax.Array:
+  """LSQ's initial step for operand `view` of `mdl`: from the data, or, for
+  an input inside a loop body (`in_lifted_loop`), the same formula for an
+  input of ones, with a `QuantInitWarning`."""
+  if is_weight or not in_lifted_loop(mdl):
+    return qz.lsq_init_step(view, grid, bits, red)
+  start = 2.0 / float(qz.lsq_range(grid, bits)[1]) ** 0.5
+  if not mdl.has_variable("params", f"{name}_lsq_step"):  # not a shape check
+    warnings.warn(
+        f"aqt_ext: layer {layer_name(mdl)}: its {name} LSQ step cannot be "
+        "initialised from data inside a loop body (nn.scan / nn.RNN / "
+        "nn.while_loop create their parameters without the loop's data); it "
+        f"starts at {start:.3g}, LSQ's initialisation for an {name} of ones. "
+        "Set it from data with aqt_ext.layers.calibrate_lsq_steps(model, "
+        "variables, *example_args)", QuantInitWarning, stacklevel=2)
+  return qz.lsq_init_step(jnp.ones(view.shape, view.dtype), grid, bits, red)
+
+
+# Records of the calibrate_lsq_steps calls in progress (innermost last):
+# params path -> (grid, bits, [mean |input| of each call]).
+_LSQ_RECORDS: list[dict] = []
+
+
+def _record_lsq_input(record: dict, key: tuple[str, ...], grid: str,
+                      bits: int, mean: Any) -> None:
+  record.setdefault(key, (grid, bits, []))[2].append(np.asarray(mean))
+
+
+def calibrate_lsq_steps(model: nn.Module, variables: Mapping[str, Any],
+                        *args, **kwargs) -> dict:
+  """`variables` with every LSQ input step set from data.
+
+  Runs ``model.apply(variables, *args, **kwargs)`` once and sets each
+  layer's ``{name}_lsq_step`` of an input to LSQ's initialisation
+  ``2 mean|x| / sqrt(Qp)`` of the inputs that layer saw, averaged over its
+  calls (every step of a scan; a step stored per scan step gets the
+  average). Kernel steps and everything else are returned unchanged. Use it
+  after ``init`` on models whose LSQ layers sit inside ``nn.scan`` /
+  ``nn.RNN``, where ``init`` cannot read the data.
+
+  Raises:
+    ValueError: the model quantizes no input with LSQ.
+  """
+  record: dict = {}
+  _LSQ_RECORDS.append(record)
+  try:
+    jax.block_until_ready(jax.jit(functools.partial(model.apply, **kwargs))(
+        variables, *args))
+    jax.effects_barrier()
+  finally:
+    _LSQ_RECORDS.remove(record)
+  if not record:
+    raise ValueError("calibrate_lsq_steps: the model quantizes no input with "
+                     "TensorQuant.method='lsq'")
+  params = flatten_dict(variables["params"])
+  for key, (grid, bits, means) in record.items():
+    if key not in params:
+      raise ValueError(f"calibrate_lsq_steps: variables['params'] has no "
+                       f"{'/'.join(key)!r}, the step of a layer the model ran")
+    step = qz.lsq_init_step(np.mean(np.stack(means), axis=0), grid, bits, ())
+    params[key] = jnp.broadcast_to(step, params[key].shape).astype(
+        params[key].dtype)
+  return {**variables, "params": unflatten_dict(params)}
+
+
+def _clips_negative(tq: TensorQuant) -> bool:
+  """Whether the input grid of `tq` has no negative values."""
+  if tq.method == "pact":
+    return True
+  if tq.method == "uniform":
+    return tq.grid == "unsigned"
+  return tq.method == "lsq" and qz.lsq_range(tq.grid, tq.bits)[0] <= 0
+
+
+def _sign_check_due(mdl: nn.Module, name: str, tq: TensorQuant):
+  """Whether this call of an input quantizer checks the input's sign: at
+  init, when the quantizer's parameter is created, at the first update of a
+  static range (a traced bool under jit)."""
+  if mdl.is_initializing():
+    return True
+  if tq.method in ("lsq", "pact"):
+    suffix = "lsq_step" if tq.method == "lsq" else "pact_alpha"
+    return not mdl.has_variable("params", f"{name}_{suffix}")
+  if tq.calibration == "static" and mdl.is_mutable_collection(STATS):
+    if not mdl.has_variable(STATS, f"{name}_count"):
+      return True
+    return mdl.get_variable(STATS, f"{name}_count") == 0
+  return False
+
+
+def warn_negative_inputs(mdl: nn.Module, name: str, x: jax.Array,
+                         tq: TensorQuant, due: Any = True) -> jax.Array:
+  """A `QuantInitWarning` when `x`, an input that `tq` quantizes on a grid
+  without negative values, has negative values and `due` is true; returns
+  `x`, to be used in place of `x` (see `host_call`).
+
+  Checked on the host where `x` is concrete, else by a callback (inside
+  ``lax.cond`` on a traced `due`); warns at most once per trace, so once per
+  layer for all the steps of a scan.
+  """
+  path = layer_name(mdl)
+  grid = "PACT's [0, alpha]" if tq.method == "pact" else f"grid={tq.grid!r}"
+  warned = []
+
+  def report(frac, low):
+    if warned or not frac > 0:
+      return
+    warned.append(True)
+    warnings.warn(
+        f"aqt_ext: layer {path}: its {name} is quantized on a grid without "
+        f"negative values ({tq.method}, {grid}), which clips them to 0, but "
+        f"{float(frac):.1%} of the values it sees are negative (min "
+        f"{float(low):.3g}); use a signed input grid: layer_preset(..., "
+        "signed_input=True) or TensorQuant(grid='full')", QuantInitWarning,
+        stacklevel=2)
+
+  def stats(v):
+    v = lax.stop_gradient(v)
+    return jnp.mean((v < 0).astype(jnp.float32)), jnp.min(v)
+
+  traced_due = isinstance(due, jax.core.Tracer)
+  if not traced_due and not bool(due):
+    return x
+  if not isinstance(x, jax.core.Tracer) and not traced_due:
+    with jax.ensure_compile_time_eval():  # concrete even inside a jit trace
+      report(*stats(x))
+    return x
+
+  def check(v):
+    return host_call(mdl, report, v, *stats(v))
+
+  return lax.cond(due, check, lambda v: v, x) if traced_due else check(x)
+
+
 def quant_operand(mdl: nn.Module, name: str, x: jax.Array, tq: TensorQuant,
                   axes: qz.OperandAxes, *, is_weight: bool,
                   want_int: bool = False) -> Quantized:
@@ -107,6 +317,11 @@ def quant_operand(mdl: nn.Module, name: str, x: jax.Array, tq: TensorQuant,
       return Quantized(None, qz.to_int(x, qp, tq.rounding), qp)
     fn = dq.quant_weight if is_weight else dq.quant_input
     return Quantized(fn(mdl, name, x, tq, axes))
+
+  if not is_weight and _clips_negative(tq):
+    due = _sign_check_due(mdl, name, tq)
+    if due is not False:
+      x = warn_negative_inputs(mdl, name, x, tq, due)
 
   grouped = tq.granularity == "per_group"
   if grouped:
@@ -128,8 +343,14 @@ def quant_operand(mdl: nn.Module, name: str, x: jax.Array, tq: TensorQuant,
       rounding = border_rounding(mdl, name, x.shape[-1], qp)
     fake_fn = lambda v: qz.fake_quant(v, qp, rounding)  # noqa: E731
   elif tq.method == "lsq":
-    step = mdl.param(f"{name}_lsq_step",
-                     lambda _: qz.lsq_init_step(view, grid, bits, red))
+    step = mdl.param(f"{name}_lsq_step", lambda _: lsq_step_init(
+        mdl, name, view, grid, bits, red, is_weight))
+    if not is_weight and _LSQ_RECORDS:  # inside calibrate_lsq_steps
+      mean = jnp.mean(jnp.abs(lax.stop_gradient(view)), axis=red,
+                      keepdims=True)
+      key = tuple(str(p) for p in mdl.scope.path) + (f"{name}_lsq_step",)
+      view = host_call(mdl, functools.partial(
+          _record_lsq_input, _LSQ_RECORDS[-1], key, grid, bits), view, mean)
     if is_weight:
       n = view.size // step.size
     else:  # features per example (paper: number of features)

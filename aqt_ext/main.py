@@ -1,6 +1,8 @@
 """Entry point: python -m aqt_ext.main --config=configs/default.py --workdir=DIR
 
-Rerunning the same command resumes from the latest checkpoint in DIR.
+Rerunning the same command resumes from the latest checkpoint in DIR; a
+rerun whose model-defining fields (`aqt_ext.train.TRAINING_FIELDS`) differ
+from DIR/config.json is refused, naming them.
 """
 
 import os

@@ -178,13 +178,27 @@ jax.tree_util.register_dataclass(
 
 
 def observe_range(x: jax.Array, grid: str, axes: Axes) -> dict:
-  """The statistic calibration needs: absmax, max, or (min, max)."""
+  """The statistic calibration needs: absmax, max, or (min, max), over the
+  finite values of `x`.
+
+  A NaN or an infinity (say in one example of a batch) is left out of the
+  range, so it cannot turn the scale, and with it every value that shares
+  the scale, into NaN; that value itself still quantizes to NaN (or, for an
+  infinity, to the grid's end). A reduced slice with no finite value gives
+  0, which the zero-range guard turns into a scale of 1.
+  """
+  finite = jnp.isfinite(x)
+
+  def reduce(fn, v, fill):
+    r = fn(jnp.where(finite, v, fill), axis=axes, keepdims=True)
+    return jnp.where(jnp.isfinite(r), r, jnp.zeros_like(r))
+
   if grid in ("full", "restricted", "aqt"):
-    return {"amax": jnp.max(jnp.abs(x), axis=axes, keepdims=True)}
+    return {"amax": reduce(jnp.max, jnp.abs(x), -jnp.inf)}
   if grid == "unsigned":
-    return {"max": jnp.max(x, axis=axes, keepdims=True)}
-  return {"min": jnp.min(x, axis=axes, keepdims=True),
-          "max": jnp.max(x, axis=axes, keepdims=True)}
+    return {"max": reduce(jnp.max, x, -jnp.inf)}
+  return {"min": reduce(jnp.min, x, jnp.inf),
+          "max": reduce(jnp.max, x, -jnp.inf)}
 
 
 def _guard(r: jax.Array) -> jax.Array:
@@ -257,6 +271,37 @@ def bf16_round(x: jax.Array) -> jax.Array:
 # LSQ (Esser et al. 2019) and PACT (Choi et al. 2018).
 # ---------------------------------------------------------------------------
 
+# Smallest effective value of a learned step or clip (`positive`).
+MIN_LEARNED_SCALE = 1e-8
+
+
+def positive(v: jax.Array, eps: float = MIN_LEARNED_SCALE) -> jax.Array:
+  """The value a quantizer uses for a learned step or clip `v`: max(|v|, eps).
+
+  LSQ steps, PACT clips and DQ input clips are stored unconstrained (same
+  names and shapes as ever, so checkpoints load) and a gradient step can
+  carry one through zero, above all at 2 bits where the step gradient is
+  large. A negative step used as is puts every input of an unsigned grid
+  below 0, so the layer outputs zero and its gradients vanish: training
+  then ends at chance accuracy without an error. Every quantizer therefore
+  reads its learned step or clip through this map:
+
+  * |v| rather than a clamp at eps: a stored -s quantizes exactly like s,
+    so a step that overshot zero keeps a working layer instead of one that
+    saturates every value on a grid of width eps until the optimizer walks
+    it back. The loss is then even in v and the gradient is that of |v|:
+    sign(v) times the gradient for the effective step, exact for v != 0.
+  * The gradient of |v| is taken as +1 at v = 0 (Brevitas'
+    ``abs_binary_sign_grad``, which it applies to learned scales), and the
+    eps floor is straight-through (Brevitas' ``clamp_min_ste`` of learned
+    scales), so a zero or tiny stored value still receives its gradient.
+
+  A NaN stays NaN (the loop's finite-loss check reports it).
+  """
+  a = jnp.where(v >= 0, v, -v)  # |v|, derivative +1 at 0
+  return a + lax.stop_gradient(jnp.maximum(a, eps) - a)
+
+
 def lsq_range(grid: str, bits: int) -> tuple[float, float]:
   """(Qn, Qp): the grid is [-Qn, Qp]."""
   qmin, qmax = grid_range(grid, bits)
@@ -278,10 +323,11 @@ def grad_scale(s: jax.Array, g: float) -> jax.Array:
 
 def lsq_quant(x: jax.Array, step: jax.Array, grid: str, bits: int, n: int,
               rounding: str = "half_even") -> jax.Array:
-  """LSQ fake quant; `n` is the number of elements sharing one step."""
+  """LSQ fake quant; `n` is the number of elements sharing one step, which
+  is used through `positive`."""
   qmin, qmax = grid_range(grid, bits)
   g = 1.0 / float(n * qmax) ** 0.5
-  s = grad_scale(step.astype(x.dtype), g)
+  s = grad_scale(positive(step).astype(x.dtype), g)
   return fake_quant(x, QParams(s, None, qmin, qmax), rounding)
 
 
@@ -290,18 +336,21 @@ def pact_quant(x: jax.Array, alpha: jax.Array, bits: int,
   """PACT: y = clip(x, 0, alpha), uniform on [0, alpha].
 
   d/d alpha = 1 where x >= alpha, else 0; STE inside (methods.md sec. 3).
+  The stored `alpha` is used through `positive`.
   """
-  alpha = alpha.astype(x.dtype)
+  alpha = positive(alpha).astype(x.dtype)
   y = jnp.where(x >= alpha, alpha, jnp.maximum(x, 0.0))
   qp = pact_qparams(lax.stop_gradient(alpha), bits)
   return ste(y, fake_quant(lax.stop_gradient(y), qp, rounding))
 
 
 def pact_qparams(alpha: jax.Array, bits: int) -> QParams:
-  return QParams(jnp.asarray(alpha) / (2.0 ** bits - 1), None, 0.0,
+  """The grid of a PACT clip `alpha` (used through `positive`)."""
+  return QParams(positive(jnp.asarray(alpha)) / (2.0 ** bits - 1), None, 0.0,
                  2.0 ** bits - 1)
 
 
 def lsq_qparams(step: jax.Array, grid: str, bits: int) -> QParams:
+  """The grid of an LSQ step (used through `positive`)."""
   qmin, qmax = grid_range(grid, bits)
-  return QParams(step, None, qmin, qmax)
+  return QParams(positive(step), None, qmin, qmax)

@@ -477,20 +477,59 @@ def check_and_save_config(sweep: ml_collections.ConfigDict,
 # Analysis.
 # ---------------------------------------------------------------------------
 
+# What the analysis reads from a line with status 'ok' (`pareto.aggregate`):
+# these fields, numbers among them, and `pareto.CONFIG_AXES` in ``axes``.
+OK_FIELDS = ("axes", "spec", "eval_accuracy", "macs", "bops", "weight_bits")
+_NUMERIC_OK_FIELDS = ("eval_accuracy", "macs", "bops", "weight_bits")
+
+
+def analysis_problem(record: Mapping[str, Any]) -> str | None:
+  """Why a line of results.jsonl cannot be analysed, or None: a line with
+  status 'ok' that lacks a field of `OK_FIELDS` (or an axis) or whose
+  accuracy or cost is not a number."""
+  if record.get("status") != "ok":
+    return None
+  missing = [f for f in OK_FIELDS if f not in record]
+  axes = record.get("axes")
+  if isinstance(axes, dict):
+    missing += [f"axes.{k}" for k in pareto.CONFIG_AXES if k not in axes]
+  elif axes is not None:
+    missing.append("axes as a mapping")
+  bad = [f for f in _NUMERIC_OK_FIELDS if f in record and (
+      isinstance(record[f], bool)
+      or not isinstance(record[f], (int, float)))]
+  if not (missing or bad):
+    return None
+  what = [f"lacks {', '.join(missing)}"] if missing else []
+  what += [f"has a non-numeric {', '.join(bad)}"] if bad else []
+  return (f"the status 'ok' line of point {record['id']!r} "
+          f"{' and '.join(what)}")
+
+
 def analyze(sweep_dir: str) -> str:
   """Writes summary.md, frontier.csv, pareto.png from results.jsonl; returns
-  the summary table. Cut or invalid lines are reported on stderr."""
+  the summary table. Cut or invalid lines, and 'ok' lines that lack what the
+  analysis reads (`analysis_problem`), are reported on stderr and ignored."""
   path = os.path.join(sweep_dir, RESULTS_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist: no point of a sweep in "
                             f"{sweep_dir} has finished yet")
   records, problems = read_results(path)
+  usable = []
+  for r in records:
+    problem = analysis_problem(r)
+    if problem:
+      problems.append(f"{path}: {problem}; line ignored")
+    else:
+      usable.append(r)
   for p in problems:
     print(f"warning: {p}", file=sys.stderr, flush=True)
-  latest = list(latest_records(records).values())
+  latest = list(latest_records(usable).values())
   ok = [r for r in latest if r.get("status") == "ok"]
   failed = [r for r in latest if r.get("status") == "failed"]
-  datasets = sorted({r.get("config", {}).get("dataset", "?") for r in ok})
+  datasets = sorted({r["config"].get("dataset", "?")
+                     if isinstance(r.get("config"), dict) else "?"
+                     for r in ok})
   title = f"{', '.join(datasets)}: accuracy vs cost ({len(ok)} points)"
   return pareto.write_report(pareto.summarize(ok), failed, sweep_dir, title)
 

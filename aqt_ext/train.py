@@ -11,14 +11,20 @@ from the latest checkpoint when rerun, and writes ``workdir/result.json``.
   resumed run is its step; the only RNG is the init key, saved with the state.
 * Quantizer state (``quant_stats``) and learned quantizer parameters train with
   the model; their auxiliary losses (``quant_losses``) add to the loss.
+* The config is checked before any work (`validate_config`) and saved as
+  ``workdir/config.json`` when the run starts; a rerun in a workdir that
+  holds a model must agree with it on `TRAINING_FIELDS` (`check_resume`).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging as py_logging
+import math
 import os
 import re
+import sys
 import tempfile
 import time
 from typing import Any
@@ -52,6 +58,11 @@ class CheckpointError(RuntimeError):
   """A checkpoint exists but cannot be restored."""
 
 
+class ResumeConfigError(ValueError):
+  """A rerun's config differs from the one that trained the workdir's model
+  (`check_resume`)."""
+
+
 class TrainState(struct.PyTreeNode):
   step: jax.Array
   params: Any
@@ -76,25 +87,72 @@ class TrainState(struct.PyTreeNode):
 # ---------------------------------------------------------------------------
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Refuses a bad config before any work, naming the field."""
+  """Refuses a bad training config, naming the field and its allowed values.
+
+  `train_and_evaluate` calls it first, before anything is read or written;
+  it also checks that the run has at least one training step (the number of
+  training examples comes from `data.get_info`, which reads no data).
+  """
+  def refuse(field, allowed):
+    raise ValueError(f"config.{field}={config[field]!r} is out of range; "
+                     f"allowed: {allowed}")
+
   def choice(field, allowed):
     if config[field] not in allowed:
       raise ValueError(f"config.{field}={config[field]!r} is not allowed; "
                        f"allowed values: {', '.join(map(repr, allowed))}")
+
+  def is_int(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+  def integer(field, low, optional=False):
+    v = config[field]
+    if not ((optional and v is None) or (is_int(v) and v >= low)):
+      refuse(field, f"an int >= {low}" + (" or None" if optional else ""))
+
+  def number(field, low, low_open=False, high=math.inf):
+    v = config[field]
+    ok = (isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+          and math.isfinite(v) and (v > low if low_open else v >= low)
+          and v < high)
+    if not ok:
+      refuse(field, f"a finite number {'>' if low_open else '>='} {low}"
+             + (f" and < {high}" if high != math.inf else ""))
+
   choice("optimizer", OPTIMIZERS)
   choice("dtype", tuple(DTYPES))
   choice("model", tuple(models.MODELS))
   choice("dataset", data_lib.DATASETS)
-  for field in ("batch_size", "num_epochs"):
-    if not config[field] > 0:
-      raise ValueError(f"config.{field}={config[field]!r} must be > 0")
-  if config.batch_size % jax.device_count():
-    raise ValueError(f"config.batch_size={config.batch_size} must be a "
-                     f"multiple of the device count ({jax.device_count()})")
-  if not 0 <= config.label_smoothing < 1:
-    raise ValueError(f"config.label_smoothing={config.label_smoothing} must "
-                     "be in [0, 1)")
-  parse_spec(config.quant)  # raises on a bad spec
+  for field in ("batch_size", "eval_batch_size", "log_every_steps",
+                "checkpoint_every_steps", "keep_checkpoints"):
+    integer(field, 1)
+  integer("eval_every_steps", 0)  # 0: evaluate only at the end
+  integer("seed", 0)
+  integer("num_train_examples", 1, optional=True)
+  integer("num_eval_examples", 1, optional=True)
+  number("num_epochs", 0, low_open=True)
+  number("width", 0, low_open=True)
+  for field in ("learning_rate", "weight_decay", "warmup_epochs",
+                "quant_lr_multiplier"):
+    number(field, 0)
+  number("momentum", 0, high=1)
+  number("label_smoothing", 0, high=1)
+  for field in ("batch_size", "eval_batch_size"):
+    if config[field] % jax.device_count():
+      raise ValueError(f"config.{field}={config[field]} must be a multiple "
+                       f"of the device count ({jax.device_count()})")
+  # Raises on a bad spec, with the first/last-layer rules the model uses.
+  parse_spec(config.quant, first=models.FIRST_LAYER, last=models.LAST_LAYER)
+  info = data_lib.get_info(config.dataset, config.data_dir)
+  examples = (info.num_train if config.num_train_examples is None
+              else min(config.num_train_examples, info.num_train))
+  steps_per_epoch = examples // config.batch_size
+  if steps_per_epoch == 0:
+    refuse("batch_size", f"1..{examples} (the number of training examples)")
+  if int(config.num_epochs * steps_per_epoch) == 0:
+    refuse("num_epochs", f">= 1/{steps_per_epoch}, at least one training "
+           f"step ({steps_per_epoch} steps per epoch of {examples} examples "
+           f"at batch_size {config.batch_size})")
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int):
@@ -225,6 +283,99 @@ def create_state(config, model, batch, steps_per_epoch, float_variables=None
   return state, schedule
 
 
+# The config fields that define a trained model: what it is and how every
+# step trained it. A workdir's model (its checkpoints, its result.json) was
+# trained by the config saved in it (CONFIG_FILE); a rerun in that workdir
+# resumes or re-evaluates that model and must agree on these fields
+# (`check_resume`). The others (data_dir, evaluation, logging and checkpoint
+# cadence) say where data are read and how the run is evaluated, logged and
+# checkpointed, and may change between runs of one workdir.
+TRAINING_FIELDS = ("dataset", "num_train_examples", "augment", "model",
+                   "width", "quant", "dtype", "init_from", "seed",
+                   "optimizer", "learning_rate", "momentum", "nesterov",
+                   "weight_decay", "label_smoothing", "warmup_epochs",
+                   "num_epochs", "batch_size", "quant_lr_multiplier")
+CONFIG_FILE = "config.json"  # in the workdir, next to checkpoints/
+RESULT_FILE = "result.json"
+
+
+def _plain(value: Any) -> Any:
+  """`value` as it reads back from JSON (tuples become lists)."""
+  return json.loads(json.dumps(value, default=str))
+
+
+def _has_checkpoint(workdir: str) -> bool:
+  directory = _checkpoint_dir(workdir)
+  return os.path.isdir(directory) and any(
+      name.isdigit() for name in os.listdir(directory))
+
+
+def _read_json(path: str) -> Any:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(
+        f"{path} cannot be read ({type(e).__name__}: {e}); it records the "
+        "config that trained this workdir's model. Restore it, or use another "
+        "--workdir.") from e
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses a rerun in `workdir` whose `TRAINING_FIELDS` differ from those
+  of the config that trained the model there, naming each differing field
+  with its saved and its new value.
+
+  A workdir holds a trained model once it has a checkpoint or a result.json;
+  its config is the CONFIG_FILE that `save_config` wrote at the start of its
+  first run (or, for a workdir without one, result.json's ``config``). A
+  workdir with no model is not checked. Fields the saved config lacks are
+  not compared.
+  """
+  config_path = os.path.join(workdir, CONFIG_FILE)
+  result_path = os.path.join(workdir, RESULT_FILE)
+  if not (_has_checkpoint(workdir) or os.path.exists(result_path)):
+    return
+  if os.path.exists(config_path):
+    saved, source = _read_json(config_path), config_path
+  elif os.path.exists(result_path):
+    result = _read_json(result_path)
+    saved = result.get("config") if isinstance(result, dict) else None
+    source = result_path
+  else:
+    saved, source = None, None
+  if not isinstance(saved, dict):
+    raise CheckpointError(
+        f"{workdir} holds a trained model (checkpoints or {RESULT_FILE}) but "
+        f"records no config that trained it (no {CONFIG_FILE}, no "
+        f"{RESULT_FILE} with a 'config'), so a rerun there cannot be checked. "
+        "Use another --workdir, or delete the checkpoints and result to start "
+        "afresh.")
+  missing = object()
+  diff = [f for f in TRAINING_FIELDS
+          if saved.get(f, missing) is not missing
+          and saved[f] != _plain(config.get(f))]
+  if diff:
+    details = "; ".join(f"config.{f}: {saved[f]!r} saved, "
+                        f"{_plain(config.get(f))!r} now" for f in diff)
+    raise ResumeConfigError(
+        f"{workdir} holds a model trained with another config ({details}; "
+        f"saved in {source}). Rerunning there resumes or re-evaluates that "
+        "model, so these fields must be the saved ones: rerun with them, or "
+        "use another --workdir.")
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes the config to ``workdir/CONFIG_FILE`` (atomically) unless the
+  workdir already holds a model, whose config it then keeps (`check_resume`
+  has checked the rerun against it)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if os.path.exists(path) and (_has_checkpoint(workdir) or os.path.exists(
+      os.path.join(workdir, RESULT_FILE))):
+    return
+  write_json_atomic(path, config.to_dict())
+
+
 def _checkpoint_dir(workdir: str) -> str:
   # orbax needs an absolute path (a relative one fails at the first save).
   return os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -252,20 +403,96 @@ def save_checkpoint(mgr, state: TrainState) -> None:
   mgr.wait_until_finished()
 
 
+def _is_closed_loop_echo(exc: BaseException | None) -> bool:
+  """Whether `exc` is asyncio's 'Event loop is closed' from
+  ``call_soon_threadsafe`` (a callback scheduled on a loop already closed)."""
+  if not (isinstance(exc, RuntimeError)
+          and str(exc) == "Event loop is closed"):
+    return False
+  tb = exc.__traceback__
+  while tb is not None:
+    if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+      return True
+    tb = tb.tb_next
+  return False
+
+
+class _AbandonedReadFilter(py_logging.Filter):
+  """Drops asyncio's 'exception was never retrieved' for orbax / TensorStore
+  reads (see `silence_aborted_restore_echoes`)."""
+
+  MARKERS = ("/orbax/", "tensorstore")
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not ("exception was never retrieved" in message
+                and any(m in message for m in self.MARKERS))
+
+
+def _drop_closed_loop_echoes() -> None:
+  """Wraps `sys.unraisablehook` (unless it is wrapped already) to drop
+  `_is_closed_loop_echo` exceptions: a callback that reached an event loop
+  after it was closed, whose operation was abandoned and its error reported
+  where it was awaited."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop_echoes", False):
+    return
+
+  def hook(unraisable):
+    if not _is_closed_loop_echo(unraisable.exc_value):
+      previous(unraisable)
+
+  hook.drops_closed_loop_echoes = True
+  sys.unraisablehook = hook
+
+
+def silence_aborted_restore_echoes() -> None:
+  """Hides the echoes of a failed orbax restore; its error is kept.
+
+  When one array of a checkpoint cannot be read, orbax raises that error and
+  closes its event loop while TensorStore still completes the reads of the
+  other arrays; each completion then fails to schedule its callback on the
+  closed loop and is printed as an unraisable ``RuntimeError: Event loop is
+  closed`` (one traceback per array), and asyncio logs each abandoned read
+  as 'Task exception was never retrieved'. This drops those two kinds of
+  message (and nothing else) for the rest of the process. `_restore`
+  installs the first filter before every restore (the echoes can start as
+  soon as orbax closes its loop, before its error reaches the caller) and
+  calls this on the error path, just before the `CheckpointError` that
+  reports the first error (the abandoned reads are logged later, when they
+  are garbage collected).
+  """
+  _drop_closed_loop_echoes()
+  logger = py_logging.getLogger("asyncio")
+  if not any(isinstance(f, _AbandonedReadFilter) for f in logger.filters):
+    logger.addFilter(_AbandonedReadFilter())
+
+
+def _restore(mgr, step: int, args, what: str, remedy: str):
+  """``mgr.restore(step, args)``; a CheckpointError naming `what`, the
+  folder and the `remedy` if the checkpoint cannot be read."""
+  _drop_closed_loop_echoes()
+  try:
+    return mgr.restore(step, args=args)
+  except Exception as e:  # orbax raises many types for a damaged checkpoint
+    silence_aborted_restore_echoes()
+    raise CheckpointError(
+        f"{what}: the checkpoint at step {step} in "
+        f"{os.path.join(os.fspath(mgr.directory), str(step))} cannot be "
+        f"restored ({type(e).__name__}: {e}). {remedy}") from e
+
+
 def restore_checkpoint(mgr, state: TrainState) -> TrainState:
   """Restores the latest checkpoint into `state`; clear error if unreadable."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   step = mgr.latest_step()
   if step is None:
     return state
-  try:
-    tree = mgr.restore(step, args=ocp.args.StandardRestore(_ckpt_tree(state)))
-  except Exception as e:  # orbax raises many types for a damaged checkpoint
-    raise CheckpointError(
-        f"checkpoint at step {step} in {mgr.directory} cannot be restored "
-        f"({type(e).__name__}: {e}). Refusing to start afresh over it: "
-        "delete that step's folder to resume from an earlier one, or use "
-        "another --workdir.") from e
+  tree = _restore(
+      mgr, step, ocp.args.StandardRestore(_ckpt_tree(state)),
+      f"resuming the run in {mgr.directory}",
+      f"Refusing to start afresh over it (step {step}): delete that step's "
+      "folder to resume from an earlier one, or use another --workdir.")
   return state.replace(**tree)
 
 
@@ -281,7 +508,14 @@ def load_float_variables(workdir: str) -> dict:
         f"config.init_from={workdir!r} holds no checkpoint: it must be the "
         "--workdir of a finished float run (e.g. of "
         "configs/fashion_mnist_float.py), or unset to train from scratch")
-  tree = mgr.restore(step, args=ocp.args.StandardRestore())
+  try:
+    tree = _restore(
+        mgr, step, ocp.args.StandardRestore(),
+        f"config.init_from={workdir!r}",
+        "Point config.init_from to another finished float run, or delete "
+        "that step's folder to use an earlier checkpoint of this one.")
+  finally:
+    mgr.close()
   out = {"params": tree["params"]}
   if tree.get("batch_stats"):
     out["batch_stats"] = tree["batch_stats"]
@@ -344,11 +578,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   """Trains, evaluates, checkpoints; returns (and writes) the result."""
   from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
   validate_config(config)
+  check_resume(config, workdir)
   t_start = time.time()
   # A missing float model is refused before the workdir is created.
   float_vars = (load_float_variables(config.init_from) if config.init_from
                 else None)
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    save_config(config, workdir)
   data_lib.ensure_prepared(config.dataset, config.data_dir)
   info = data_lib.get_info(config.dataset, config.data_dir)
   stream = data_lib.make_train_stream(
@@ -433,7 +670,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   result.update({k: result["cost"][k] for k in ("macs", "bops",
                                                  "weight_bits")})
   if jax.process_index() == 0:
-    write_json_atomic(os.path.join(workdir, "result.json"), result)
+    write_json_atomic(os.path.join(workdir, RESULT_FILE), result)
   logging.info("final eval accuracy %.4f loss %.4f after %d steps",
                result["eval_accuracy"], result["eval_loss"], total_steps)
   return result
@@ -476,4 +713,6 @@ def _check_finite(step: int, metrics) -> None:
 
 
 __all__ = ["TrainState", "train_and_evaluate", "create_model",
-           "validate_config", "CheckpointError", "NonFiniteLossError"]
+           "validate_config", "check_resume", "TRAINING_FIELDS",
+           "CheckpointError", "ResumeConfigError", "NonFiniteLossError",
+           "silence_aborted_restore_echoes"]
