@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Callable
 
 import flax.linen as nn
@@ -67,7 +68,7 @@ from jax import lax
 
 from aqt_ext import quantizers as qz
 from aqt_ext.config import TensorQuant
-from aqt_ext.layers import STATS
+from aqt_ext.layers import STATS, QuantInitWarning, in_lifted_loop, layer_name
 
 LOSSES = "quant_losses"
 WEIGHT_GRANULARITIES = ("per_tensor", "per_channel")
@@ -492,7 +493,21 @@ def _input_alpha(mdl: nn.Module, name: str, x: jax.Array, tq: TensorQuant
   if tq.calibration == "static":
     return _static_clip(mdl, name, x, tq)
   return qz.positive(mdl.param(f"{name}_dq_alpha",
-                               lambda _: init_alpha(x, tq)))
+                               lambda _: _alpha_init(mdl, name, x, tq)))
+
+
+def _alpha_init(mdl: nn.Module, name: str, x: jax.Array, tq: TensorQuant
+                ) -> jax.Array:
+  """`init_alpha` of the init batch; inside a flax loop body (which cannot
+  create a parameter from its data) ``tq.pact_init``, with a warning."""
+  if not in_lifted_loop(mdl):
+    return init_alpha(x, tq)
+  warnings.warn(
+      f"aqt_ext: layer {layer_name(mdl)}: its {name} DQ clip cannot be fitted "
+      "to data inside a scan body (nn.scan / nn.RNN create their broadcast "
+      f"parameters without the scanned values); it starts at pact_init = "
+      f"{tq.pact_init:g}", QuantInitWarning, stacklevel=2)
+  return jnp.asarray(tq.pact_init, jnp.float32)
 
 
 def input_qparams(mdl: nn.Module, name: str, x: jax.Array, tq: TensorQuant

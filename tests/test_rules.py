@@ -568,6 +568,21 @@ def test_lsq_inside_rnn_inits_applies_trains_and_is_close_to_float():
     assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).sum()) > 0, k
 
 
+def test_dq_inside_rnn_inits_from_pact_init_and_trains():
+  """A DQ input clip inside nn.RNN cannot be fitted to the scanned data at
+  init: it starts at pact_init with a warning, and the model trains."""
+  dq8 = layer_preset("dq", 8, 8, signed_input=True)
+  model = quantize_model(nn.RNN(nn.LSTMCell(8)), [(".*", dq8)])
+  with pytest.warns(QuantInitWarning, match=r"layer 'cell/ii': its input DQ "
+                    r"clip cannot be fitted to data inside a scan body"):
+    v = jax.jit(model.init)(jax.random.PRNGKey(0), SEQ)
+  alpha = v["params"]["cell"]["ii"]["input_dq_alpha"]
+  np.testing.assert_allclose(alpha, dq8.input.pact_init)
+  grads = _grads(model, v, (SEQ,), {})
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads.values())
+  assert float(jnp.abs(grads[("cell", "ii", "kernel")]).sum()) > 0
+
+
 def test_rules_inside_rnn_see_the_variable_paths():
   model = quantize_model(nn.RNN(nn.LSTMCell(8)), [("^cell/ii$", LSQ8_SIGNED)])
   with pytest.warns(QuantInitWarning):
