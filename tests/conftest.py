@@ -20,13 +20,35 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
+def on_ci() -> bool:
+  """Whether this run is CI's: the environment variable CI is 'true' (as CI
+  services and `.ci/run` set it) or '1'."""
+  return os.environ.get("CI", "").strip().lower() in ("true", "1")
+
+
+def require_local_fashion_mnist() -> None:
+  """Checks that the Debian package's Fashion-MNIST files are present; where
+  they are absent, fails the calling test under CI (`on_ci`: a CI run must
+  not pass without the real data) and skips it elsewhere, naming the
+  package."""
+  from aqt_ext import data  # pylint: disable=g-import-not-at-top
+  if data.LOCAL_FASHION_MNIST_DIR.is_dir():
+    return
+  hint = (f"{data.LOCAL_FASHION_MNIST_DIR} is missing: run `apt-get install "
+          "dataset-fashion-mnist` (or `bash scripts/setup.sh`) to run the "
+          "tests on real Fashion-MNIST")
+  if on_ci():
+    pytest.fail(f"CI={os.environ['CI']}: {hint}", pytrace=False)
+  pytest.skip(hint)
+
+
 @pytest.fixture(scope="session")
 def fashion_mnist_dir(tmp_path_factory):
   """A fresh TFDS data dir with Fashion-MNIST built offline (about 20 s)
-  from the Debian package's IDX files; skips where they are absent."""
+  from the Debian package's IDX files (`require_local_fashion_mnist`: where
+  they are absent, fails under CI and skips elsewhere)."""
   from aqt_ext import data  # pylint: disable=g-import-not-at-top
-  if not data.LOCAL_FASHION_MNIST_DIR.is_dir():
-    pytest.skip("apt-get install dataset-fashion-mnist to run this test")
+  require_local_fashion_mnist()
   data_dir = tmp_path_factory.mktemp("tfds")
   data.ensure_prepared("fashion_mnist", data_dir)
   return data_dir

@@ -206,6 +206,143 @@ def test_int_execution_exact_with_power_of_two_scales(kind):
   np.testing.assert_array_equal(ints, fake)
 
 
+# Integer-execution oracle: LSQ steps are parameters, so the scales s_x (per
+# tensor) and s_w (per output channel) are chosen here, not calibrated, and
+# the operands are built as ints * scale: x * (1/s) lies within a few ulps
+# of the integer, so the layer's integer operands are exactly these ints.
+ORACLE_LQ = LayerQuant(TensorQuant("lsq", 4, granularity="per_channel"),
+                       TensorQuant("lsq", 8), execution="int")
+
+
+def _oracle_operands(x_shape, w_shape, seed):
+  """(xi, wi, s_x, s_w): int64 operands on the 8-bit (input) and 4-bit
+  (kernel) full grids, a float32 scalar and (O,) float32 scales that are
+  not powers of two (so the rescale order shows in the last bits)."""
+  rng = np.random.default_rng(seed)
+  xi = rng.integers(-128, 128, x_shape)
+  wi = rng.integers(-8, 8, w_shape)
+  sx = np.float32(0.0173)
+  sw = rng.uniform(0.01, 0.1, w_shape[-1]).astype(np.float32)
+  return xi, wi, sx, sw
+
+
+def _oracle_params(xi, wi, sx, sw):
+  x = (xi.astype(np.float32) * sx).astype(np.float32)
+  w = (wi.astype(np.float32) * sw).astype(np.float32)
+  for q, v, s in ((xi, x, sx), (wi, w, sw)):  # the ints are recovered
+    np.testing.assert_array_equal(np.round(v / s), q)
+  params = {"kernel": jnp.asarray(w),
+            "kernel_lsq_step": jnp.asarray(sw).reshape((1,) * (wi.ndim - 1)
+                                                       + (-1,)),
+            "input_lsq_step": jnp.full((1,) * xi.ndim, sx)}
+  return jnp.asarray(x), {"params": params}
+
+
+def _rescale(acc, sx, sw):
+  """AQT's order (methods.md sec. 1): float32(acc) * s_x, then * s_w."""
+  out = acc.astype(np.float32) * sx
+  assert out.dtype == np.float32
+  return (out * sw).astype(np.float32)
+
+
+def _conv_pads(size, k_eff, stride, padding):
+  """Explicit (lo, hi) pads per spatial dim, as lax computes 'SAME'."""
+  if padding == "VALID":
+    return [(0, 0)] * len(size)
+  if padding == "SAME":
+    pads = []
+    for n, k, s in zip(size, k_eff, stride):
+      total = max((-(-n // s) - 1) * s + k - n, 0)
+      pads.append((total // 2, total - total // 2))
+    return pads
+  return [tuple(p) for p in padding]
+
+
+def _int_conv_reference(xi, wi, strides, padding, input_dilation,
+                        kernel_dilation, groups):
+  """int64 NHWC x HWIO convolution by explicit windows (numpy)."""
+  n, h, w, c = xi.shape
+  kh, kw, cg, out = wi.shape
+  ld, rd, st = input_dilation, kernel_dilation, strides
+  xd = np.zeros((n, (h - 1) * ld[0] + 1, (w - 1) * ld[1] + 1, c), np.int64)
+  xd[:, ::ld[0], ::ld[1]] = xi
+  k_eff = ((kh - 1) * rd[0] + 1, (kw - 1) * rd[1] + 1)
+  size = (h, w) if isinstance(padding, str) else xd.shape[1:3]
+  (t, b), (l, r) = _conv_pads(size, k_eff, st, padding)
+  xp = np.pad(xd, [(0, 0), (t, b), (l, r), (0, 0)])
+  oh = (xp.shape[1] - k_eff[0]) // st[0] + 1
+  ow = (xp.shape[2] - k_eff[1]) // st[1] + 1
+  og = out // groups
+  acc = np.zeros((n, oh, ow, out), np.int64)
+  for i in range(kh):
+    for j in range(kw):
+      win = xp[:, i * rd[0]:i * rd[0] + (oh - 1) * st[0] + 1:st[0],
+               j * rd[1]:j * rd[1] + (ow - 1) * st[1] + 1:st[1]]
+      for g in range(groups):
+        acc[..., g * og:(g + 1) * og] += np.einsum(
+            "nhwc,co->nhwo", win[..., g * cg:(g + 1) * cg],
+            wi[i, j, :, g * og:(g + 1) * og].astype(np.int64))
+  return acc
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(strides=2, padding="VALID"),
+    dict(strides=(2, 1), padding=((2, 0), (1, 1)), feature_group_count=2),
+    dict(padding=((1, 2), (0, 1)), kernel_dilation=2, input_dilation=(1, 2)),
+    dict(strides=(1, 2), feature_group_count=4, features=8),  # depthwise
+])
+def test_int_conv_matches_integer_oracle_bit_exactly(kw):
+  """QuantConv int execution (jitted, as served) == an int64 numpy
+  convolution of the same integer operands, rescaled as
+  float32(acc) * s_x * s_w in that order."""
+  kw = {"strides": 1, "padding": "SAME", "input_dilation": 1,
+        "kernel_dilation": 1, "feature_group_count": 1, "features": 6, **kw}
+  pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+  groups, features = kw["feature_group_count"], kw["features"]
+  xi, wi, sx, sw = _oracle_operands((2, 7, 8, 4), (3, 3, 4 // groups,
+                                                   features), seed=groups)
+  x, v = _oracle_params(xi, wi, sx, sw)
+  layer = A.QuantConv(features, (3, 3), strides=kw["strides"],
+                      padding=kw["padding"],
+                      input_dilation=kw["input_dilation"],
+                      kernel_dilation=kw["kernel_dilation"],
+                      feature_group_count=groups, use_bias=False,
+                      quant=ORACLE_LQ)
+  assert (jax.tree.map(jnp.shape, jax.eval_shape(layer.init, KEY, x))
+          == jax.tree.map(jnp.shape, v))
+  got = np.asarray(jax.jit(layer.apply)(v, x))
+  acc = _int_conv_reference(xi, wi, pair(kw["strides"]), kw["padding"],
+                            pair(kw["input_dilation"]),
+                            pair(kw["kernel_dilation"]), groups)
+  assert np.abs(acc).max() < 2 ** 24  # exact in float32
+  want = _rescale(acc, sx, sw)
+  assert got.shape == want.shape and got.dtype == np.float32
+  np.testing.assert_array_equal(got, want)
+  # The order is observable here: the other orders differ in some elements.
+  for other in (acc.astype(np.float32) * (sx * sw), _rescale(acc, sw, sx)):
+    assert not np.array_equal(want, other)
+
+
+@pytest.mark.parametrize("x_shape", [(5, 12), (2, 3, 12)])
+def test_int_dense_matches_integer_oracle_bit_exactly(x_shape):
+  """QuantDense int execution (jitted, as served) == int64 numpy matmul of
+  the same integer operands, rescaled as float32(acc) * s_x * s_w in that
+  order."""
+  xi, wi, sx, sw = _oracle_operands(x_shape, (12, 7), seed=1)
+  x, v = _oracle_params(xi, wi, sx, sw)
+  layer = A.QuantDense(7, use_bias=False, quant=ORACLE_LQ)
+  assert (jax.tree.map(jnp.shape, jax.eval_shape(layer.init, KEY, x))
+          == jax.tree.map(jnp.shape, v))
+  got = np.asarray(jax.jit(layer.apply)(v, x))
+  acc = xi.astype(np.int64) @ wi.astype(np.int64)
+  want = _rescale(acc, sx, sw)
+  assert got.shape == want.shape and got.dtype == np.float32
+  np.testing.assert_array_equal(got, want)
+  for other in (acc.astype(np.float32) * (sx * sw), _rescale(acc, sw, sx)):
+    assert not np.array_equal(want, other)
+
+
 @pytest.mark.parametrize("kind", ["dense", "conv"])
 def test_int_execution_jaxpr_has_integer_operands(kind):
   lq = A.layer_preset("uniform", 4, 4).replace(execution="int")
@@ -215,11 +352,12 @@ def test_int_execution_jaxpr_has_integer_operands(kind):
   v = layer.init(KEY, x)
   jaxpr = jax.make_jaxpr(lambda a: layer.apply(v, a))(x).jaxpr
   prim = "dot_general" if kind == "dense" else "conv_general_dilated"
+  from jax.extend import core as jex_core  # pylint: disable=g-import-not-at-top
 
-  def eqns(jp):
+  def eqns(jp):  # every equation, also those inside jit/custom_vjp bodies
     for e in jp.eqns:
       yield e
-      for sub in jax.core.jaxprs_in_params(e.params):
+      for sub in jex_core.jaxprs_in_params(e.params):
         yield from eqns(sub)
 
   ops = [e for e in eqns(jaxpr) if e.primitive.name == prim]
@@ -298,24 +436,35 @@ def test_any_widths_jit_grad_safe(w, a, method):
   g, y = jax.grad(loss, has_aux=True)(v["params"], x)
   assert all(bool(jnp.isfinite(t).all()) for t in jax.tree.leaves(g))
   assert float(jnp.abs(g["kernel"]).sum()) > 0
-  # The kernel really is quantized: at most 2^w levels per output channel.
+  # The kernel really is quantized: at most 2^w levels per output channel,
+  # in the kernel the layer multiplies by (read from the layer itself).
   wk = v["params"]["kernel"]
-  q = quant_weight_values(layer, v)
+  q = effective_kernel(layer, v, x)
+  assert q.shape == wk.shape
   for c in range(wk.shape[-1]):
-    assert len(np.unique(np.asarray(q[..., c]))) <= 2 ** w
+    assert 2 <= len(np.unique(q[..., c])) <= 2 ** w
 
 
-def quant_weight_values(layer, v):
-  """Integer grid values of the layer's kernel, as the layer computes them."""
-  tq = layer.quant.weight
-  wk = v["params"]["kernel"]
-  red = qz.reduce_axes(wk.ndim, qz.OperandAxes((0, 1, 2), 2), tq.granularity)
-  if tq.method == "lsq":
-    qp = qz.lsq_qparams(v["params"]["kernel_lsq_step"], tq.grid, tq.bits)
-  else:
-    qp = qz.qparams_from_range(qz.observe_range(wk, tq.grid, red), tq.grid,
-                               tq.bits)
-  return qz.quantize(wk, qp)
+def effective_kernel(layer, v, x):
+  """The kernel a stride-1 'SAME' QuantConv (odd kernel size) applies to its
+  input, read from the layer: the layer is linear in an input tangent, so
+  the jvp for a tangent that is one-hot at pixel p, channel c, is
+  conv(one-hot, w_q): output pixel p - k + (K - 1) / 2 holds tap k of w_q
+  for that input channel, times the input quantizer's straight-through
+  derivative (one constant close to 1 for every tap, which maps distinct
+  levels to distinct values). p is interior and set to a small positive
+  value, inside every input grid's range (unclipped, derivative nonzero)."""
+  kh, kw = layer.kernel_size
+  _, h, w, cin = x.shape
+  i, j = h // 2, w // 2
+  x = x.at[0, i, j, :].set(1e-3)
+  tangents = jnp.zeros((cin,) + x.shape).at[
+      jnp.arange(cin), 0, i, j, jnp.arange(cin)].set(1.0)
+  out = jax.jit(jax.vmap(lambda t: jax.jvp(
+      lambda a: layer.apply(v, a), (x,), (t,))[1]))(tangents)
+  # out[c, 0, i + kh // 2 - a, j + kw // 2 - b, o] = w_q[a, b, c, o].
+  taps = out[:, 0, i - kh // 2:i + kh // 2 + 1, j - kw // 2:j + kw // 2 + 1]
+  return np.asarray(jnp.transpose(taps[:, ::-1, ::-1], (1, 2, 0, 3)))
 
 
 def test_unquantized_bf16_config():

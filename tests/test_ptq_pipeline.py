@@ -274,7 +274,17 @@ def test_rtn_w8a8_close_to_float_and_result_schema(float_run,
   assert on_disk["eval_examples"] == 1000 and on_disk["method"] == "rtn"
   assert on_disk["config"]["quant"] == "w8a8" and on_disk["steps"] == 0
   assert on_disk["bops"] == on_disk["macs"] * 64
-  assert abs(result["eval_accuracy"] - float_result["eval_accuracy"]) <= 0.005
+  # Correctly classified images of the 1000, compared as counts. 8-bit rtn
+  # changes about 1% of this briefly trained model's predictions (11 of
+  # 1000 on one build: 3 became right, 8 wrong, so 5 fewer correct), and the
+  # count can differ by at most the number of changed predictions: 15 (1.5%)
+  # holds on any build where 8-bit rtn works, and 4-bit weights (rtn w4a8:
+  # 32 fewer, w4a4: 64 fewer) fail it.
+  n = on_disk["eval_examples"]
+  assert float_result["eval_examples"] == n
+  correct_float = round(float_result["eval_accuracy"] * n)
+  correct_rtn = round(result["eval_accuracy"] * n)
+  assert abs(correct_rtn - correct_float) <= 15, (correct_rtn, correct_float)
   # The command line runs the same pipeline: the same result.
   root = pathlib.Path(__file__).resolve().parents[1]
   overrides = dict(model="cifar_resnet8", width=0.5, quant="w8a8",
@@ -287,7 +297,7 @@ def test_rtn_w8a8_close_to_float_and_result_schema(float_run,
        f"--checkpoint={workdir}", f"--workdir={tmp_path / 'cli'}",
        *(f"--config.{k}={v}" for k, v in overrides.items())],
       cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
-      capture_output=True, text=True, timeout=600)
+      capture_output=True, text=True, timeout=1200)  # a hang guard
   assert cli.returncode == 0, cli.stderr[-3000:]
   assert "PTQ rtn w8a8: test accuracy" in cli.stdout
   from_cli = json.loads((tmp_path / "cli" / "result.json").read_text())

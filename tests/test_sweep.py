@@ -1,12 +1,16 @@
 """Pareto sweep: points, frontier, results.jsonl safety, kill-and-rerun,
 failures, SLURM array tasks, --analyze_only.
 
-The sweeps here train tiny points (cifar_resnet8 x0.25, w4a4, 256 training
+The sweeps here train tiny points (cifar_resnet8 x0.25, 256 training
 examples, 32 steps) in worker subprocesses that share one XLA compilation
 cache; all use the same training config (the step count is baked into the
-compiled train step), so only the first point compiles.
+compiled train step), so only the first point of each quant compiles. Most
+of a worker's time is importing TensorFlow and JAX and tracing the model, so
+the sweeps have as few points as what they test needs. Subprocess timeouts
+and waits are hang guards (`HANG_GUARD_S`), not speed limits.
 """
 
+import fcntl
 import importlib.util
 import json
 import multiprocessing
@@ -24,6 +28,7 @@ from aqt_ext import pareto, sweep
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+HANG_GUARD_S = 1200
 
 TINY_BASE = dict(dataset="fashion_mnist", batch_size=32, eval_batch_size=250,
                  num_train_examples=256, num_eval_examples=250,
@@ -225,14 +230,15 @@ def _append_many(path, barrier, writer, n):
 def test_concurrent_appends_keep_every_line(tmp_path):
   path = tmp_path / "results.jsonl"
   writers, n = 4, 150
-  ctx = multiprocessing.get_context("fork")  # no re-import: starts at once
+  # spawn: forking a process that has JAX loaded can deadlock the child.
+  ctx = multiprocessing.get_context("spawn")
   barrier = ctx.Barrier(writers)
   procs = [ctx.Process(target=_append_many, args=(str(path), barrier, w, n))
            for w in range(writers)]
   for p in procs:
     p.start()
   for p in procs:
-    p.join(120)
+    p.join(HANG_GUARD_S)
   assert [p.exitcode for p in procs] == [0] * writers
   raw = path.read_bytes().split(b"\n")
   assert raw[-1] == b"" and len(raw) == writers * n + 1
@@ -256,25 +262,36 @@ def test_truncated_last_line_is_reported_and_next_append_is_clean(tmp_path):
 
 
 def test_result_without_line_is_recovered_once_under_the_point_lock(
-    tmp_path):
+    tmp_path, monkeypatch):
   point = sweep.Point("cifar_resnet8", 0.25, "w4a4", None, "uniform", 0)
   workdir = pathlib.Path(sweep.point_workdir(str(tmp_path), point))
   workdir.mkdir(parents=True)
   # Killed between result.json and its line.
   (workdir / "result.json").write_text(json.dumps(
       {"eval_accuracy": 0.5, "macs": 1, "bops": 16, "weight_bits": 4}))
-  out = {}
+  out, waiting, flock = {}, threading.Event(), fcntl.flock
+
+  def blocking_flock_signals(f, op):
+    if op == fcntl.LOCK_EX:  # blocking: the non-blocking try found a holder
+      waiting.set()
+    return flock(f, op)
 
   def run():
-    out["status"] = sweep.run_point(point, None, str(tmp_path))
+    try:
+      out["status"] = sweep.run_point(point, None, str(tmp_path))
+    finally:
+      waiting.set()  # also where run_point did not wait
 
   with sweep.point_lock(str(workdir)):  # e.g. an orphaned worker holds it
+    monkeypatch.setattr(sweep.fcntl, "flock", blocking_flock_signals)
     t = threading.Thread(target=run)
     t.start()
-    t.join(0.5)
-    assert t.is_alive() and not (tmp_path / "results.jsonl").exists()
-  t.join(10)
-  assert out["status"] == "recovered"
+    assert waiting.wait(HANG_GUARD_S)  # run_point waits for the lock ...
+    t.join(0.5)  # (time for a run_point that did not wait to finish)
+    assert t.is_alive() and "status" not in out
+    assert not (tmp_path / "results.jsonl").exists()
+  t.join(HANG_GUARD_S)  # ... and goes on once it is released
+  assert not t.is_alive() and out["status"] == "recovered"
   assert sweep.run_point(point, None, str(tmp_path)) == "skipped"
   assert statuses(lines_of(tmp_path), point.id) == ["ok"]
 
@@ -296,33 +313,32 @@ def test_changed_base_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def failed_sweep(fashion_mnist_dir, worker_env, tmp_path_factory):
-  """A finished sweep of one good and one failing point (2 workers)."""
+  """A finished sweep (2 workers) of a good and a failing model, each a
+  float point (QAT's runner) and the rtn w4a4 PTQ point that depends on it."""
   tmp = tmp_path_factory.mktemp("failed_sweep")
   config = write_sweep_config(tmp / "sweep_cfg.py", [GOOD, TOO_NARROW], [0],
-                              quants=("float", "w4a4"),
-                              methods=("uniform", "rtn"))
+                              quants=("float", "w4a4"), methods=("rtn",))
   workdir = tmp / "sweep"
   run = subprocess.run(sweep_cmd(config, workdir, fashion_mnist_dir,
                                  "--parallel=2"),
                        env=worker_env, cwd=ROOT, capture_output=True,
-                       text=True, timeout=400)
+                       text=True, timeout=HANG_GUARD_S)
   points = sweep.make_points(load_config(config, fashion_mnist_dir))
   return workdir, config, run, points
 
 
 def test_failing_point_is_recorded_and_the_others_finish(failed_sweep):
   workdir, _, run, points = failed_sweep
-  good_float, good, good_rtn, bad_float, bad, bad_rtn = points
+  good_float, good_rtn, bad_float, bad_rtn = points
   assert run.returncode == 1, run.stderr[-3000:]
   records = lines_of(workdir)
-  for p in (good_float, good, good_rtn):
+  for p in (good_float, good_rtn):
     assert statuses(records, p.id) == ["ok"]
     assert (workdir / "points" / p.id / "result.json").exists()
   line = {r["id"]: r for r in records}
-  for p in (bad_float, bad):
-    assert line[p.id]["status"] == "failed"
-    assert "width=0.04" in line[p.id]["error"]
-    assert "Traceback" in line[p.id]["traceback"]
+  assert line[bad_float.id]["status"] == "failed"
+  assert "width=0.04" in line[bad_float.id]["error"]
+  assert "Traceback" in line[bad_float.id]["traceback"]
   # The PTQ point of the failed float model fails, naming that point.
   assert line[bad_rtn.id]["status"] == "failed"
   assert (f"DependencyError: the float point {bad_float.id}"
@@ -334,27 +350,28 @@ def test_failing_point_is_recorded_and_the_others_finish(failed_sweep):
   assert rtn["checkpoint"] == str(workdir / "points" / good_float.id)
   assert rtn["bops"] == pytest.approx(line[good_float.id]["bops"] / 16)
   assert (rtn["label"], rtn["kind"]) == ("rtn:w4a4", "ptq")
-  assert "[6/6]" in run.stdout and "ETA" in run.stdout
+  assert "[4/4]" in run.stdout and "ETA" in run.stdout
   summary = (workdir / "summary.md").read_text()
-  assert f"`{bad.id}`: ValueError: width=0.04" in summary
-  assert "| cifar_resnet8 | 0.25 | w4a4 | uniform | 1 |" in summary
+  assert f"`{bad_float.id}`: ValueError: width=0.04" in summary
+  assert f"`{bad_rtn.id}`: DependencyError" in summary
+  assert "| cifar_resnet8 | 0.25 | float | - | 1 |" in summary
   assert "| cifar_resnet8 | 0.25 | w4a4 | rtn (PTQ) | 1 |" in summary
 
 
 def test_slurm_array_tasks_run_points_by_index(failed_sweep, fashion_mnist_dir,
                                                worker_env, tmp_path):
   workdir, config, _, points = failed_sweep
-  good, bad = points[1], points[4]
+  good, bad = points[1], points[3]  # rtn points: finished, failed
   gen = subprocess.run(
       [sys.executable, str(ROOT / "scripts" / "slurm_sweep.py"),
        f"--config={config}", f"--config.base.data_dir={fashion_mnist_dir}",
        f"--workdir={workdir}", "--sbatch=time=00:30:00",
        "--sbatch=partition=cpu", "--max_parallel=4"],
       env=worker_env, cwd=tmp_path, check=True, capture_output=True,
-      text=True)
+      text=True, timeout=HANG_GUARD_S)
   script = gen.stdout
   assert script.startswith("#!/bin/bash\n")
-  for line in ("#SBATCH --array=0-5%4", "#SBATCH --time=00:30:00",
+  for line in ("#SBATCH --array=0-3%4", "#SBATCH --time=00:30:00",
                "#SBATCH --partition=cpu",
                f"#SBATCH --output={workdir}/slurm/%A_%a.out",
                f"cd {ROOT}"):
@@ -370,11 +387,11 @@ def test_slurm_array_tasks_run_points_by_index(failed_sweep, fashion_mnist_dir,
     return subprocess.run(["bash", str(tmp_path / "sweep.sbatch")],
                           env={**worker_env, "SLURM_ARRAY_TASK_ID": str(i)},
                           cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=HANG_GUARD_S)
 
   done = task(1)  # finished: exits at once
   assert done.returncode == 0 and "point 1: skipped" in done.stdout
-  retried = task(4)  # failed: retried, fails again, exit status 3
+  retried = task(3)  # failed: retried, fails again, exit status 3
   assert retried.returncode == sweep.EXIT_POINT_FAILED, retried.stderr[-2000:]
   records = lines_of(workdir)
   assert statuses(records, good.id) == ["ok"]
@@ -383,9 +400,11 @@ def test_slurm_array_tasks_run_points_by_index(failed_sweep, fashion_mnist_dir,
 
 def test_sigkill_and_rerun_loses_and_duplicates_no_point(
     fashion_mnist_dir, worker_env, tmp_path):
-  # 2 points of 32 steps each, one worker: kill everything while the second
-  # trains, after the first finished.
-  config = write_sweep_config(tmp_path / "sweep_cfg.py", [GOOD], [0, 1])
+  # 2 float points of 32 steps each (as failed_sweep's: compiled already),
+  # one worker: kill everything while the second trains, after the first
+  # finished.
+  config = write_sweep_config(tmp_path / "sweep_cfg.py", [GOOD], [0, 1],
+                              quants=("float",))
   first, second = sweep.make_points(load_config(config, fashion_mnist_dir))
   workdir = tmp_path / "sweep"
   cmd = sweep_cmd(config, workdir, fashion_mnist_dir, "--parallel=1")
@@ -393,7 +412,7 @@ def test_sigkill_and_rerun_loses_and_duplicates_no_point(
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                           start_new_session=True)
   ckpts = workdir / "points" / second.id / "checkpoints"
-  deadline = time.time() + 300
+  deadline = time.time() + HANG_GUARD_S
   while time.time() < deadline and proc.poll() is None:
     if any(p.name.isdigit() for p in ckpts.glob("*")):
       break
@@ -405,7 +424,7 @@ def test_sigkill_and_rerun_loses_and_duplicates_no_point(
   assert not (workdir / "points" / second.id / "result.json").exists()
 
   rerun = subprocess.run(cmd, env=worker_env, cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=HANG_GUARD_S)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert "2 points, 1 finished, 1 to run" in rerun.stdout
   records = lines_of(workdir)
@@ -438,7 +457,7 @@ def test_analyze_only_redraws_from_results(tmp_path, worker_env):
   run = subprocess.run([sys.executable, "-m", "aqt_ext.sweep",
                         f"--workdir={tmp_path}", "--analyze_only"],
                        env=worker_env, cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+                       text=True, timeout=HANG_GUARD_S)
   assert run.returncode == 0, run.stderr[-3000:]
   assert "truncated last line" in run.stderr
   summary = (tmp_path / "summary.md").read_text()
@@ -453,3 +472,40 @@ def test_analyze_only_redraws_from_results(tmp_path, worker_env):
   assert csv_rows[-1].startswith("cifar_resnet14,0.5,float,,,qat,float,2,")
   assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_points_latest_line_wins(tmp_path):
+  """A point that failed, then succeeded, is ok (and one that succeeded,
+  then failed, is failed): the last line of a point id is its state, for
+  `latest_records`, `is_finished` and the report."""
+  path = str(tmp_path / sweep.RESULTS_FILE)
+  retried = record("cifar_resnet8", 0.25, "w4a4", 0, 0.8, 1e6, 2e4, 4,
+                   "uniform")
+  broke = record("cifar_resnet8", 0.5, "w4a4", 0, 0.85, 4e6, 8e4, 4,
+                 "uniform")
+  sweep.append_record(path, {**retried, "status": "failed",
+                             "error": "RuntimeError: first try"})
+  sweep.append_record(path, broke)
+  sweep.append_record(path, retried)
+  sweep.append_record(path, {**broke, "status": "failed",
+                             "error": "RuntimeError: second try"})
+  records, problems = sweep.read_results(path)
+  assert not problems and len(records) == 4
+  latest = sweep.latest_records(records)
+  assert latest[retried["id"]] == retried
+  assert latest[broke["id"]]["status"] == "failed"
+  assert latest[broke["id"]]["error"] == "RuntimeError: second try"
+  points = {r["id"]: sweep.Point("cifar_resnet8", w, "w4a4", None, "uniform",
+                                 0) for r, w in ((retried, 0.25), (broke, 0.5))}
+  assert set(points) == {retried["id"], broke["id"]}
+  for point in points.values():  # both have a result.json
+    os.makedirs(sweep.point_workdir(str(tmp_path), point))
+    with open(os.path.join(sweep.point_workdir(str(tmp_path), point),
+                           "result.json"), "w") as f:
+      f.write("{}")
+  assert sweep.is_finished(str(tmp_path), points[retried["id"]], latest)
+  assert not sweep.is_finished(str(tmp_path), points[broke["id"]], latest)
+  summary = sweep.analyze(str(tmp_path))
+  assert f"`{broke['id']}`: RuntimeError: second try" in summary
+  assert f"`{retried['id']}`" not in summary and "first try" not in summary
+  assert "| cifar_resnet8 | 0.25 | w4a4 | uniform | 1 | 80.00" in summary
