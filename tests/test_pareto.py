@@ -1,6 +1,5 @@
 """The Pareto plot: its zoomed accuracy band, curve styles, and the PNG."""
 
-import dataclasses
 
 import pytest
 
