@@ -28,7 +28,9 @@ import dataclasses
 import re
 from typing import Any, Iterable, Sequence
 
-METHODS = ("float", "bf16", "uniform", "lsq", "pact", "dq")
+from aqt_ext.core.methods import REGISTRY
+
+METHODS = REGISTRY.names()
 GRIDS = ("full", "restricted", "aqt", "unsigned", "asymmetric")
 GRANULARITIES = ("per_tensor", "per_channel", "per_in_channel", "per_group")
 CALIBRATIONS = ("dynamic", "static")
@@ -143,22 +145,19 @@ class TensorQuant:
       raise ValueError(
           f"{c}.group_size={self.group_size!r} is only allowed with "
           "granularity='per_group'")
-    if self.method == "pact" and self.grid != "unsigned":
-      raise ValueError(
-          f"{c}.grid={self.grid!r} is not allowed with method='pact'; "
-          "allowed values: 'unsigned'")
-    if self.method == "pact" and self.granularity != "per_tensor":
-      raise ValueError(
-          f"{c}.granularity={self.granularity!r} is not allowed with "
-          "method='pact'; allowed values: 'per_tensor'")
-    if self.method == "lsq" and self.grid in ("aqt", "asymmetric"):
-      raise ValueError(
-          f"{c}.grid={self.grid!r} is not allowed with method='lsq'; allowed "
-          "values: 'full', 'restricted', 'unsigned'")
-    if self.calibration == "static" and self.method not in ("uniform", "dq"):
+    m = REGISTRY.get(self.method)
+    for field, allowed in (("grid", m.grids),
+                           ("granularity", m.granularities)):
+      if allowed is not None and getattr(self, field) not in allowed:
+        raise ValueError(
+            f"{c}.{field}={getattr(self, field)!r} is not allowed with "
+            f"method={self.method!r}; allowed values: "
+            f"{', '.join(map(repr, allowed))}")
+    if self.calibration == "static" and not m.static:
       raise ValueError(
           f"{c}.calibration='static' is not allowed with method="
-          f"{self.method!r}; allowed methods: 'uniform', 'dq'")
+          f"{self.method!r}; allowed methods: "
+          f"{', '.join(repr(n) for n in METHODS if REGISTRY.get(n).static)}")
     if self.calibration == "static" and self.granularity not in (
         "per_tensor", "per_in_channel"):
       raise ValueError(
@@ -168,7 +167,7 @@ class TensorQuant:
 
   @property
   def quantized(self) -> bool:
-    return self.method not in ("float", "bf16")
+    return REGISTRY.get(self.method).integer
 
   def replace(self, **kw) -> "TensorQuant":
     return dataclasses.replace(self, **kw)
@@ -202,10 +201,11 @@ class LayerQuant:
                         f"{type(getattr(self, name)).__name__}")
     _check_choice(c, "execution", self.execution, EXECUTIONS)
     w = self.weight
-    if w.method == "pact":
-      raise ValueError(f"{c}.weight.method='pact' is not allowed (PACT clips "
-                       "activations); allowed: 'float', 'bf16', 'uniform', "
-                       "'lsq', 'dq'")
+    if not REGISTRY.get(w.method).weights:
+      raise ValueError(
+          f"{c}.weight.method={w.method!r} is not allowed (it quantizes "
+          "layer inputs only); allowed: " + ", ".join(
+              repr(n) for n in METHODS if REGISTRY.get(n).weights))
     if w.grid in ("unsigned", "asymmetric") and w.quantized:
       raise ValueError(f"{c}.weight.grid={w.grid!r} is not allowed; allowed "
                        "values: 'full', 'restricted', 'aqt'")
@@ -218,10 +218,11 @@ class LayerQuant:
     if self.execution == "int":
       for name in ("weight", "input"):
         t = getattr(self, name)
-        if t.method not in ("uniform", "lsq", "pact"):
+        if not REGISTRY.get(t.method).int_execution:
           raise ValueError(
               f"{c}.{name}.method={t.method!r} cannot run with "
-              "execution='int'; allowed: 'uniform', 'lsq', 'pact'")
+              "execution='int'; allowed: " + ", ".join(
+                  map(repr, REGISTRY.int_executable())))
         if t.granularity == "per_in_channel":
           raise ValueError(
               f"{c}.{name}.granularity='per_in_channel' cannot run with "
@@ -269,13 +270,20 @@ class ModelQuant:
         raise ValueError(f"ModelQuant.rules[{i}] pattern {rule[0]!r} is not a "
                          f"valid regular expression: {e}") from None
 
-  def for_path(self, path: str | Iterable[str]) -> LayerQuant:
+  def match(self, path: str | Iterable[str]) -> tuple[int | None,
+                                                      LayerQuant]:
+    """(index of the first rule whose regex `re.search`-es `path`, its
+    LayerQuant), or (None, `default`): first match wins."""
     if not isinstance(path, str):
       path = "/".join(path)
-    for pattern, lq in self.rules:
+    for i, (pattern, lq) in enumerate(self.rules):
       if re.search(pattern, path):
-        return lq
-    return self.default
+        return i, lq
+    return None, self.default
+
+  def for_path(self, path: str | Iterable[str]) -> LayerQuant:
+    """The LayerQuant of the layer at `path` (see `match`)."""
+    return self.match(path)[1]
 
   def replace(self, **kw) -> "ModelQuant":
     return dataclasses.replace(self, **kw)

@@ -40,8 +40,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from aqt_ext.layers import QuantConv, QuantDense
-from aqt_ext.rules import QuantDotGeneral
+from aqt_ext.linen.layers import QuantConv, QuantDense
+from aqt_ext.linen.rules import QuantDotGeneral
 
 UNQUANTIZED_BITS = 16
 _COUNTED = (QuantConv, QuantDense, nn.Conv, nn.Dense, nn.DenseGeneral)

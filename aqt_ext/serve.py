@@ -1,7 +1,7 @@
 """Serving export: integer kernels on disk, integer-only inference.
 
 `export` turns a QAT-trained model (built from `QuantDense` / `QuantConv`, or
-a `aqt_ext.rules.quantize_model` wrapper) into a serving checkpoint; `load`
+a `aqt_ext.linen.quantize_model` wrapper) into a serving checkpoint; `load`
 reads it back, checking it against the model, into a `ServedModel` whose
 integer layers take the stored integer kernels straight into
 ``lax.dot_general`` / ``lax.conv_general_dilated`` with int32 accumulation
@@ -24,11 +24,11 @@ transforms (``nn.scan``, ``nn.RNN``, ``nn.vmap``, ``nn.remat``) are served:
 while the model runs, a layer's serving arrays sit among its own params
 (`PARAM_PREFIX`), so they are broadcast or sliced as its params are.
 
-Layers. An integer layer is a QuantDense, QuantConv or quantized
-DenseGeneral whose LayerQuant quantizes both sides by 'uniform', 'lsq',
+Layers. An integer layer is a QuantDense, QuantConv, QuantEinsum (also from
+``nn.Einsum`` by rules) or quantized DenseGeneral whose LayerQuant quantizes both sides by 'uniform', 'lsq',
 'pact' or DQ (`check_servable` names what else is refused, e.g. weight-only
 quantization). A layer with an entirely float LayerQuant, and every module
-`aqt_ext.rules` cannot quantize (``nn.Einsum``, ``nn.ConvTranspose``,
+`aqt_ext.linen.rules` cannot quantize (``nn.ConvTranspose``,
 ``nn.ConvLocal``, ``nn.Embed``, norms, custom layers), is a float layer: its
 params are stored as they are.
 
@@ -88,7 +88,7 @@ has no lookup-table layers, version 2 no float layers). A directory holding
   Static ranges (``quant_stats``) are folded into ``input_scale`` and not
   stored. An input becomes the integer operand ``q - z``, ``q = clip(
   round(x * (1/s)) + z, qmin, qmax)``, exactly as
-  `aqt_ext.quantizers.to_int`; a layer's output is ``int32 accumulator *
+  `aqt_ext.core.quantizers.to_int`; a layer's output is ``int32 accumulator *
   input_scale * kernel_scale`` (+ bias), as with ``execution='int'``.
 
 Damaged files. A ``serving.json`` that is not valid JSON or lacks its
@@ -121,14 +121,17 @@ import numpy as np
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
-from aqt_ext import dq
-from aqt_ext import quantizers as qz
 from aqt_ext.config import LayerQuant, ModelQuant, TensorQuant
-from aqt_ext.layers import (STATS, QuantConv, QuantDense, Quantized,
-                            conv_geometry, int_conv, int_dense,
-                            quant_operand, resolve_quant)
-from aqt_ext.rules import QuantDotGeneral, int_dot_general, is_float
-from aqt_ext.train import QUANT_PARAM_RE, silence_aborted_restore_echoes
+from aqt_ext.core import int_ops
+from aqt_ext.core import levels as lv
+from aqt_ext.core import quantizers as qz
+from aqt_ext.core.context import STATS
+from aqt_ext.core.int_ops import Quantized
+from aqt_ext.core.methods import REGISTRY
+from aqt_ext.linen.layers import (QuantConv, QuantDense, QuantEinsum,
+                                  conv_geometry, quant_operand, resolve_quant)
+from aqt_ext.linen.rules import QuantDotGeneral, is_float
+from aqt_ext.train import silence_aborted_restore_echoes
 
 LAYOUT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)  # 1: no lookup-table layers; 2: no float layers
@@ -140,8 +143,8 @@ SERVE = "serving"  # the collection of integer kernels and scales
 # its own ``params`` under this prefix, so that they follow the params through
 # lifted transforms (nn.scan / nn.RNN / nn.vmap broadcast or slice them).
 PARAM_PREFIX = SERVE + ":"
-QUANTIZER_PARAMS = ("kernel_lsq_step", "input_lsq_step", "input_pact_alpha",
-                    "kernel_dq_levels", "input_dq_alpha")
+QUANTIZER_PARAMS = REGISTRY.learned_params()
+QUANT_PARAM_RE = REGISTRY.learned_param_re()
 UNIFORM_RTOL = 1e-3  # a DQ level table within this of a centred uniform grid
                      # is served as plain integers (see `_finish_dq_layers`)
 
@@ -217,6 +220,8 @@ def layer_kind(mdl: nn.Module) -> str | None:
     return "dense"
   if isinstance(mdl, QuantConv):
     return "conv"
+  if isinstance(mdl, QuantEinsum):
+    return "einsum"
   if isinstance(mdl, nn.DenseGeneral) and isinstance(mdl.dot_general,
                                                      QuantDotGeneral):
     return "dense_general"
@@ -262,7 +267,7 @@ def _get(mdl: nn.Module, name: str) -> jax.Array | None:
 
 def _stored_input(tq: TensorQuant) -> bool:
   """Whether the input scale is trained (stored) rather than dynamic."""
-  return not (tq.method == "uniform" and tq.calibration == "dynamic")
+  return REGISTRY.get(tq.method).stored_input_scale(tq)
 
 
 def _uniform_stand_in(tq: TensorQuant) -> TensorQuant:
@@ -277,10 +282,10 @@ def _uniform_stand_in(tq: TensorQuant) -> TensorQuant:
 
 def check_servable(cfg: LayerQuant, kind: str, path: str) -> None:
   """Refuses a layer config that integer serving cannot run."""
-  if cfg.weight.method == "dq" and kind == "dense_general":
+  if cfg.weight.method == "dq" and kind in ("dense_general", "einsum"):
     raise ValueError(f"layer {path!r}: DQ weights are served in QuantDense "
-                     "and QuantConv layers; allowed weight methods in a "
-                     "DenseGeneral: 'uniform', 'lsq'")
+                     f"and QuantConv layers; allowed weight methods in a "
+                     f"{kind} layer: 'uniform', 'lsq'")
   try:
     cfg.replace(weight=_uniform_stand_in(cfg.weight),
                 input=_uniform_stand_in(cfg.input), execution="int")
@@ -334,9 +339,11 @@ class _Operands:
   w_axes: qz.OperandAxes
   batch_shape: tuple[int, ...] = ()
   conv: dict | None = None
+  einsum: str | None = None
 
 
-def _operands(mdl: nn.Module, kind: str, inputs: jax.Array) -> _Operands:
+def _operands(mdl: nn.Module, kind: str, inputs: jax.Array,
+              einsum_str: str | None = None) -> _Operands:
   """The layer's operands as its own call forms them (dtype promotion as
   ``promote_dtype``: the compute dtype, else that of input and params)."""
   dtype = mdl.dtype or jnp.result_type(inputs.dtype, mdl.param_dtype)
@@ -348,6 +355,13 @@ def _operands(mdl: nn.Module, kind: str, inputs: jax.Array) -> _Operands:
                      qz.OperandAxes(tuple(range(nsp + 1)), nsp),
                      batch_shape, conv)
   x = inputs.astype(dtype)
+  if kind == "einsum":
+    spec = nn.merge_param("einsum_str", mdl.einsum_str, einsum_str).replace(
+        " ", "")
+    kshape = tuple(mdl.shape)
+    dims = int_ops.einsum_dims(spec, x.ndim, len(kshape)).dimension_numbers
+    return _Operands(x, kshape, *int_ops.dot_general_axes(dims),
+                     einsum=spec)
   if kind == "dense":
     n = x.ndim - 1
     return _Operands(x, (x.shape[-1], mdl.features), qz.OperandAxes((n,), n),
@@ -399,12 +413,12 @@ class _ExportRecorder:
                         is_weight=False, want_int=True)
     lut = cfg.weight.method == "dq"
     if lut:  # b-bit indices (stored minus 2^(b-1), signed) + level table
-      idx, table = dq.export_indices(
-          kernel, mdl.get_variable("params", "kernel_dq_levels"))
+      idx, table = lv.export_indices(
+          kernel, mdl.get_variable("params", REGISTRY.get("dq").params("kernel")[0]))
       ints = idx.astype(jnp.int8) - jnp.int8(2 ** (cfg.weight.bits - 1))
       _put(mdl, "kernel", ints)
       _put(mdl, "kernel_levels", table)
-      w_q = Quantized(dq.lut_kernel(ints, table, cfg.weight.bits))
+      w_q = Quantized(lv.lut_kernel(ints, table, cfg.weight.bits))
     else:
       w_q = quant_operand(mdl, "kernel", kernel, cfg.weight, ops.w_axes,
                           is_weight=True, want_int=True)
@@ -656,7 +670,7 @@ def export(model: nn.Module, state: Any, example_input: Any, directory: str,
 
   Layers with an integer-executable LayerQuant are stored as integers;
   modules the rules leave float (an entirely float LayerQuant, or a module
-  `aqt_ext.rules` cannot quantize: ``nn.Einsum``, ``nn.ConvTranspose``,
+  `aqt_ext.linen.rules` cannot quantize: ``nn.ConvTranspose``,
   ``nn.Embed``, norms, ...) keep their params as they are and run their own
   code when served.
 
@@ -758,7 +772,7 @@ def _serve_kernel(mdl: nn.Module, tq: TensorQuant, ops: _Operands
   ints = unpack_ints(_get(mdl, "kernel"), tq.bits, shape)
   levels = _get(mdl, "kernel_levels")
   if levels is not None:
-    return Quantized(dq.lut_kernel(ints, levels, tq.bits))
+    return Quantized(lv.lut_kernel(ints, levels, tq.bits))
   qmin, qmax = qz.grid_range(tq.grid, tq.bits)
   qp = qz.QParams(_get(mdl, "kernel_scale"), None, qmin, qmax)
   return Quantized(None, ints, qp, tq.granularity == "per_group")
@@ -781,20 +795,27 @@ def _int_forward(mdl: nn.Module, kind: str, ops: _Operands, x_q: Quantized,
   the bias, the layer's output layout."""
   dtype, bias = ops.x.dtype, _bias(mdl)
   if kind == "dense":
-    y = (int_dense(x_q, w_q, dtype) if w_q.ints is not None
+    y = (int_ops.int_dot_general(x_q, w_q, int_ops.dense_dims(ops.x.ndim),
+                                 dtype) if w_q.ints is not None
          else _lut_product(x_q, w_q, dtype, lambda a, b: lax.dot_general(
              a, b, (((a.ndim - 1,), (0,)), ((), ())))))
     return y if bias is None else y + bias.astype(dtype).reshape(
         (1,) * (y.ndim - 1) + (-1,))
+  if kind == "einsum":
+    ed = int_ops.einsum_dims(ops.einsum, ops.x.ndim, len(ops.kernel_shape))
+    y = jnp.transpose(int_ops.int_dot_general(x_q, w_q, ed.dimension_numbers,
+                                              dtype), ed.perm)
+    return y if bias is None else y + bias.astype(dtype).reshape(
+        int_ops.einsum_bias_shape(ops.einsum, ops.kernel_shape)[1])
   if kind == "dense_general":
     axis, batch, dims, features = _dense_general_dims(mdl, ops.x.ndim)
-    y = int_dot_general(x_q, w_q, dims, dtype)
+    y = int_ops.int_dot_general(x_q, w_q, dims, dtype)
     if bias is None:
       return y
     expanded = tuple(ops.x.shape[a] if a in batch else 1
                      for a in range(ops.x.ndim) if a not in axis)
     return y + bias.astype(dtype).reshape(expanded + features)
-  y = (int_conv(x_q, w_q, ops.conv, dtype) if w_q.ints is not None
+  y = (int_ops.int_conv(x_q, w_q, ops.conv, dtype) if w_q.ints is not None
        else _lut_product(x_q, w_q, dtype, lambda a, b: lax.conv_general_dilated(
            a, b, **ops.conv)))
   if bias is not None:
@@ -803,7 +824,8 @@ def _int_forward(mdl: nn.Module, kind: str, ops: _Operands, x_q: Quantized,
       y.shape[0],) else y
 
 
-def _serve_layer(mdl: nn.Module, kind: str, inputs: jax.Array) -> jax.Array:
+def _serve_layer(mdl: nn.Module, kind: str, inputs: jax.Array,
+                 *args) -> jax.Array:
   """One integer layer's forward from the serving variables."""
   if _get(mdl, "kernel") is None:
     raise ValueError(
@@ -812,7 +834,7 @@ def _serve_layer(mdl: nn.Module, kind: str, inputs: jax.Array) -> jax.Array:
         "the model that was exported); load with the model and rules that "
         "were exported")
   cfg = _layer_quant(mdl, kind)
-  ops = _operands(mdl, kind, inputs)
+  ops = _operands(mdl, kind, inputs, *args)
   return _int_forward(mdl, kind, ops,
                       _serve_input(mdl, ops.x, cfg.input, ops.x_axes),
                       _serve_kernel(mdl, cfg.weight, ops))
@@ -1043,7 +1065,7 @@ def int_execution(quant: ModelQuant) -> ModelQuant:
   """`quant` with ``execution='int'`` for every layer config whose operands
   are both integer-executable (the QAT model's integer-inference twin)."""
   def one(lq: LayerQuant) -> LayerQuant:
-    ok = all(t.method in ("uniform", "lsq", "pact")
+    ok = all(REGISTRY.get(t.method).int_execution
              for t in (lq.weight, lq.input))
     return lq.replace(execution="int") if ok else lq
   return quant.replace(default=one(quant.default),

@@ -1,7 +1,12 @@
 """Train-step time of quantizer variants vs float, measured side by side.
 
-A CIFAR-style ResNet-20 built from QuantConv / QuantDense; one jitted train
-step (forward, backward, optax SGD update) at batch 128 on 28x28x1 input.
+A CIFAR-style ResNet-20 built from QuantConv / QuantDense (linen) or from
+the NNX model zoo (``nnx_*`` rows: the same model and quantizers on NNX);
+one jitted train step (forward, backward, optax SGD update) at batch 128 on
+28x28x1 input. ``hand_ste_w4a4`` is the floor: the float linen model with a
+minimal hand-written straight-through fake quant (per-output-channel absmax
+kernels, per-tensor absmax inputs, 4 bits, every layer), applied by an
+interceptor and a map over the kernels, so it costs only its own ops.
 All variants are compiled first, then timed interleaved (round-robin, one
 step each per round) so that machine load affects them alike; the median of
 the per-step times is reported.
@@ -17,6 +22,7 @@ import functools
 import json
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,15 +33,80 @@ from aqt_ext.config import parse_spec
 
 VARIANTS = {
     "float": "float",
+    "hand_ste_w4a4": "float",
     "uniform_w4a4": "w4a4",
     "uniform_w8a8": "w8a8",
     "lsq_w4a4": "lsq:w4a4",
     "pact_w4a4": "pact:w4a4",
     "dq_w4a4": "dq:w4a4",
+    "nnx_float": "float",
+    "nnx_uniform_w4a4": "w4a4",
+    "nnx_lsq_w4a4": "lsq:w4a4",
+    "nnx_dq_w4a4": "dq:w4a4",
 }
+HAND_BITS = 4
 
 
-def make_step(spec: str, batch):
+def _ste_absmax(x, axes):
+  """Symmetric int-b fake quant, scale = absmax over `axes` / (2^(b-1) - 1),
+  straight-through gradient."""
+  qmax = 2.0 ** (HAND_BITS - 1) - 1
+  s = jnp.max(jnp.abs(x), axis=axes, keepdims=True) / qmax
+  s = jnp.where(s > 0, s, 1.0)
+  q = jnp.clip(jnp.round(x / s), -qmax, qmax) * s
+  return x + jax.lax.stop_gradient(q - x)
+
+
+def _hand_ste_kernels(params):
+  return jax.tree_util.tree_map_with_path(
+      lambda path, v: _ste_absmax(v, tuple(range(v.ndim - 1)))
+      if path[-1].key == "kernel" else v, params)
+
+
+def _hand_ste_inputs(next_fun, args, kwargs, context):
+  if context.method_name == "__call__" and type(
+      context.module).__name__ in ("QuantConv", "QuantDense"):
+    args = (_ste_absmax(args[0], None),) + tuple(args[1:])
+  return next_fun(*args, **kwargs)
+
+
+def loss_and_stats(logits, labels, losses):
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  return loss + sum(jnp.sum(x) for x in jax.tree.leaves(losses))
+
+
+def make_nnx_step(spec: str, batch):
+  """The NNX twin of `make_step`: split once, merge inside the jitted step."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from aqt_ext import nnx as qnnx  # pylint: disable=g-import-not-at-top
+  quant = parse_spec(spec, first=models.FIRST_LAYER, last=models.LAST_LAYER)
+  model = models.create_model("cifar_resnet20", num_classes=10, quant=quant,
+                              framework="nnx")
+  qnnx.init(model, batch["image"])
+  model.train()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = optax.sgd(0.01, momentum=0.9, nesterov=True)
+  state = (params, rest, tx.init(params))
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def step(state, batch):
+    params, rest, opt = state
+
+    def loss_fn(p):
+      m = nnx.merge(graphdef, p, rest)
+      logits = m(batch["image"])
+      losses = nnx.pop(m, qnnx.QuantLoss)
+      return loss_and_stats(logits, batch["label"], losses), nnx.state(
+          m, nnx.Not(nnx.Param))
+
+    (loss, new_rest), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    upd, opt = tx.update(g, opt, params)
+    return (optax.apply_updates(params, upd), new_rest, opt), loss
+
+  return step, state
+
+
+def make_step(spec: str, batch, hand_ste: bool = False):
   quant = parse_spec(spec, first=models.FIRST_LAYER, last=models.LAST_LAYER)
   model = models.create_model("cifar_resnet20", num_classes=10, quant=quant)
   variables = jax.jit(functools.partial(model.init, train=False))(
@@ -49,17 +120,20 @@ def make_step(spec: str, batch):
     params, bstats, qstats, opt = state
 
     def loss_fn(p):
-      v = {"params": p, "batch_stats": bstats}
+      v = {"params": _hand_ste_kernels(p) if hand_ste else p,
+           "batch_stats": bstats}
       if qstats:
         v["quant_stats"] = qstats
-      logits, new = model.apply(v, batch["image"], train=True,
+      apply = functools.partial(model.apply, v, batch["image"], train=True,
                                 mutable=["batch_stats", "quant_stats",
                                          "quant_losses"])
-      loss = optax.softmax_cross_entropy_with_integer_labels(
-          logits, batch["label"]).mean()
-      loss += sum(jnp.sum(x) for x in jax.tree.leaves(
-          new.get("quant_losses", {})))
-      return loss, new
+      if hand_ste:
+        with nn.intercept_methods(_hand_ste_inputs):
+          logits, new = apply()
+      else:
+        logits, new = apply()
+      return loss_and_stats(logits, batch["label"],
+                            new.get("quant_losses", {})), new
 
     (loss, new), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
     upd, opt = tx.update(g, opt, params)
@@ -84,7 +158,11 @@ def main():
            "label": jnp.asarray(rng.integers(0, 10, args.batch), jnp.int32)}
   steps, states, compile_s = {}, {}, {}
   for name in names:
-    step, state = make_step(VARIANTS[name], batch)
+    if name.startswith("nnx_"):
+      step, state = make_nnx_step(VARIANTS[name], batch)
+    else:
+      step, state = make_step(VARIANTS[name], batch,
+                              hand_ste=name.startswith("hand_ste"))
     t = time.perf_counter()
     state, loss = step(state, batch)
     jax.block_until_ready(loss)
@@ -110,10 +188,16 @@ def main():
     print(json.dumps(row), flush=True)
   print(f"\n{jax.devices()[0].device_kind} ({jax.device_count()} device), "
         f"batch {args.batch}, {args.rounds} interleaved rounds, median:")
-  print(f"{'variant':<14} {'ms/step':>9} {'compile s':>10} {'x float':>8}")
+  print(f"{'variant':<18} {'ms/step':>9} {'compile s':>10} {'x float':>8} "
+        f"{'compile x':>10}")
   for r in rows:
-    print(f"{r['variant']:<14} {r['ms_per_step']:>9.2f} {r['compile_s']:>10.2f}"
-          f" {r['ratio_vs_float']:>8.3f}")
+    print(f"{r['variant']:<18} {r['ms_per_step']:>9.2f} "
+          f"{r['compile_s']:>10.2f} {r['ratio_vs_float']:>8.3f} "
+          f"{r['compile_s'] / compile_s['float']:>10.2f}")
+  for name in names:
+    twin = name[len("nnx_"):] if name.startswith("nnx_") else None
+    if twin in med:
+      print(f"{name}: {med[name] / med[twin]:.3f}x the linen {twin} step")
 
 
 if __name__ == "__main__":

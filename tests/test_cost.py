@@ -5,9 +5,9 @@ import pytest
 
 from aqt_ext.config import ModelQuant, layer_preset, parse_spec
 from aqt_ext.cost import LayerCost, ModelCost, format_table, model_cost
-from aqt_ext.layers import QuantConv, QuantDense
+from aqt_ext.linen.layers import QuantConv, QuantDense
 from aqt_ext.models import FIRST_LAYER, LAST_LAYER, create_model
-from aqt_ext.rules import quantize_model
+from aqt_ext.linen.rules import quantize_model
 
 # AQT's pinned values for ResNet-50 v1.5, 224x224, 1000 classes (design §8).
 R50_MACS = 4_089_184_256

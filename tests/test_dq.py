@@ -1,4 +1,4 @@
-"""Direct Quantization (aqt_ext.dq): the checks of methods.md sec. 4."""
+"""Direct Quantization (aqt_ext.core.dq, levels, clip_search): the checks of methods.md sec. 4."""
 
 import flax.linen as nn
 import jax
@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 
 from aqt_ext import LayerQuant, QuantConv, QuantDense, TensorQuant
-from aqt_ext import dq
-from aqt_ext import quantizers as qz
+from aqt_ext.core import clip_search, dq
+from aqt_ext.core import levels as lv
+from aqt_ext.core.operand import Operand
+from aqt_ext.linen.layers import LinenContext
+from aqt_ext.core import quantizers as qz
 
 KERNEL_AXES = qz.OperandAxes((0, 1, 2), 2)  # a (3, 3, I, O) conv kernel
 
@@ -22,7 +25,8 @@ class WeightOnly(nn.Module):
   @nn.compact
   def __call__(self):
     kernel = self.param("kernel", nn.initializers.normal(1.0), self.shape)
-    return dq.quant_weight(self, "kernel", kernel, self.tq, KERNEL_AXES)
+    return dq.quant_weight(LinenContext(self), Operand(
+        "kernel", kernel, self.tq, KERNEL_AXES, is_weight=True))
 
 
 def _weight_model(bits, granularity, dq_init="kmeans", seed=0):
@@ -50,7 +54,7 @@ def test_outputs_are_levels(bits, granularity):
       2 ** bits,)
   wq = mdl.apply({"params": params})
   assert wq.shape == params["kernel"].shape
-  w2, lv2 = _group_view(wq, dq.sorted_levels(levels))
+  w2, lv2 = _group_view(wq, lv.sorted_levels(levels))
   for g in range(lv2.shape[0]):
     values = np.unique(w2[:, g])
     assert len(values) <= 2 ** bits
@@ -68,7 +72,7 @@ def test_exact_level_gradient_and_ste(granularity):
   g = jax.random.normal(jax.random.PRNGKey(1), params["kernel"].shape)
   grads = jax.grad(lambda p: jnp.sum(g * mdl.apply({"params": p})))(params)
   levels = params["kernel_dq_levels"]
-  idx = dq.assign(params["kernel"], dq.sorted_levels(levels))
+  idx = lv.assign(params["kernel"], lv.sorted_levels(levels))
   num = levels.shape[-1]
   groups = max(1, levels.size // num)
   seg = (np.asarray(idx).reshape(-1, groups)
@@ -99,7 +103,7 @@ def test_levels_sorted_and_distinct_after_large_sgd_steps():
     params = sgd(params)
   raw = params["kernel_dq_levels"]
   assert not np.all(np.diff(raw, axis=-1) > 0)  # the raw param left order
-  used = dq.sorted_levels(raw)
+  used = lv.sorted_levels(raw)
   assert np.all(np.isfinite(used)) and np.all(np.diff(used, axis=-1) > 0)
   w2, lv2 = _group_view(mdl.apply({"params": params}), used)
   assert all(np.all(np.isin(w2[:, g], lv2[g])) for g in range(lv2.shape[0]))
@@ -108,10 +112,10 @@ def test_levels_sorted_and_distinct_after_large_sgd_steps():
 def test_sorted_levels_separates_coinciding_levels():
   for v in (jnp.zeros((4,)), jnp.full((2, 8), 0.3), jnp.array([1., 1, 0, 1]),
             jnp.array([0.7, 0.7, 0.7, 0.70000017])):
-    u = dq.sorted_levels(v)
+    u = lv.sorted_levels(v)
     assert np.all(np.isfinite(u)) and np.all(np.diff(u, axis=-1) > 0)
   v = jnp.array([-1.5, -0.5, 0.5, 1.5])
-  np.testing.assert_array_equal(dq.sorted_levels(v), v)
+  np.testing.assert_array_equal(lv.sorted_levels(v), v)
 
 
 def _shuffled_levels(num, groups, seed):
@@ -136,7 +140,7 @@ def test_sorted_levels_is_sort_of_shuffled_separated_levels(bits, groups):
   well-separated v (the gap rule changes nothing there)."""
   v = _shuffled_levels(2 ** bits, groups, seed=bits)
   assert not np.all(np.diff(v, axis=-1) > 0)
-  np.testing.assert_array_equal(dq.sorted_levels(jnp.asarray(v)),
+  np.testing.assert_array_equal(lv.sorted_levels(jnp.asarray(v)),
                                 np.sort(v, axis=-1))
 
 
@@ -155,7 +159,7 @@ def _min_gap_reference(v, min_gap):
   return u, gap
 
 
-@pytest.mark.parametrize("min_gap", [dq.MIN_GAP, 0.1])
+@pytest.mark.parametrize("min_gap", [lv.MIN_GAP, 0.1])
 def test_sorted_levels_keeps_levels_distinct_by_min_gap(min_gap):
   cases = [np.zeros(4), np.full((2, 8), 0.3), np.array([1., 1, 0, 1]),
            np.array([0.7, -1, 0.7, 2, 0.7, -1, 3, 0.7]),
@@ -163,7 +167,7 @@ def test_sorted_levels_keeps_levels_distinct_by_min_gap(min_gap):
            _shuffled_levels(8, (2,), seed=5)]
   for v in cases:
     v = np.asarray(v, np.float32)
-    u = np.asarray(dq.sorted_levels(jnp.asarray(v), min_gap=min_gap),
+    u = np.asarray(lv.sorted_levels(jnp.asarray(v), min_gap=min_gap),
                    np.float64)
     want, gap = _min_gap_reference(v, min_gap)
     # u is float32 (|u| <= 3: ulp <= 2.4e-7); the reference is exact in
@@ -201,8 +205,8 @@ def test_layer_uses_the_sorted_stored_levels(granularity):
 @pytest.mark.parametrize("bits", [2, 3])
 def test_kmeans_init_beats_uniform_on_gaussian(bits):
   w = jax.random.normal(jax.random.PRNGKey(3), (4096,))
-  mse = {m: float(jnp.mean((w - dq.quantize_levels(
-      w, dq.init_levels(w, bits, (0,), m))) ** 2))
+  mse = {m: float(jnp.mean((w - lv.quantize_levels(
+      w, lv.init_levels(w, bits, (0,), m))) ** 2))
          for m in ("kmeans", "uniform")}
   assert mse["kmeans"] < 0.9 * mse["uniform"]
   # Lloyd-Max MSE of N(0, 1): 0.1175 (2 bits), 0.03454 (3 bits).
@@ -212,28 +216,28 @@ def test_kmeans_init_beats_uniform_on_gaussian(bits):
 
 def test_uniform_init_and_export():
   w = jax.random.normal(jax.random.PRNGKey(4), (3, 3, 4, 6))
-  uni = dq.init_levels(w, 3, (0, 1, 2), "uniform")
+  uni = lv.init_levels(w, 3, (0, 1, 2), "uniform")
   s = qz.lsq_init_step(w, "full", 3, (0, 1, 2)).reshape(6, 1)
   np.testing.assert_allclose(uni, s * np.arange(-4, 4), rtol=1e-6)
-  assert dq.is_uniform(uni)
-  assert not dq.is_uniform(dq.init_levels(w, 3, (0, 1, 2), "kmeans"))
-  idx, table = dq.export_indices(w, uni)
+  assert lv.is_uniform(uni)
+  assert not lv.is_uniform(lv.init_levels(w, 3, (0, 1, 2), "kmeans"))
+  idx, table = lv.export_indices(w, uni)
   assert idx.dtype == jnp.uint8 and idx.shape == w.shape
   assert int(idx.max()) < 8
   np.testing.assert_array_equal(
       np.take_along_axis(np.asarray(table).T, np.asarray(idx).reshape(-1, 6),
-                         0).reshape(w.shape), dq.quantize_levels(w, uni))
+                         0).reshape(w.shape), lv.quantize_levels(w, uni))
 
 
 def test_degenerate_weights_no_nan():
   value_and_grad = jax.jit(jax.value_and_grad(
-      lambda w, v: jnp.sum(dq.quantize_levels(w, dq.sorted_levels(v))),
+      lambda w, v: jnp.sum(lv.quantize_levels(w, lv.sorted_levels(v))),
       argnums=(0, 1)))
   for w in (jnp.zeros((3, 3, 4, 6)), jnp.full((3, 3, 4, 6), 0.7)):
     for method in ("kmeans", "uniform"):
-      lv = dq.init_levels(w, 2, (0, 1, 2), method)
-      assert np.all(np.diff(lv, axis=-1) > 0)
-      val, grads = value_and_grad(w, lv)
+      table = lv.init_levels(w, 2, (0, 1, 2), method)
+      assert np.all(np.diff(table, axis=-1) > 0)
+      val, grads = value_and_grad(w, table)
       assert all(np.all(np.isfinite(g)) for g in grads)
       if method == "kmeans":  # a constant group is one of its levels
         np.testing.assert_allclose(val, float(jnp.sum(w)), rtol=1e-5)
@@ -254,7 +258,7 @@ def test_weight_config_errors():
 # ---------------------------------------------------------------------------
 
 def _per_channel_error(x, alpha, bits, grid):
-  q = dq.clip_quant(x, alpha, bits, grid)
+  q = clip_search.clip_quant(x, alpha, bits, grid)
   return np.asarray(jnp.sum((x - q) ** 2, 0) / jnp.sum(x ** 2, 0))
 
 
@@ -263,17 +267,17 @@ def test_channel_weighted_clip_60_plus_4():
   std = jnp.concatenate([jnp.ones(60), jnp.full(4, 20.0)])
   x = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(5), (2048, 64)) * std)
   bits, grid = 4, "unsigned"
-  a_ch = dq.fit_clip(x, bits, grid)
-  a_pool = dq.pooled_mse_clip(x, bits, grid)
+  a_ch = clip_search.fit_clip(x, bits, grid)
+  a_pool = clip_search.pooled_mse_clip(x, bits, grid)
   assert a_ch < a_pool
   e_ch = _per_channel_error(x, a_ch, bits, grid)
   e_pool = _per_channel_error(x, a_pool, bits, grid)
   assert np.median(e_ch) < np.median(e_pool)
   assert np.mean(e_ch[60:]) > np.mean(e_pool[60:])
   # fit_clip minimises E over its candidates.
-  errs = [dq.channel_error(x, a, bits, grid)
-          for a in dq.clip_candidates(x, grid, dq.NUM_CLIP_CANDIDATES)]
-  assert dq.channel_error(x, a_ch, bits, grid) == pytest.approx(min(errs))
+  errs = [clip_search.channel_error(x, a, bits, grid)
+          for a in clip_search.clip_candidates(x, grid, clip_search.NUM_CLIP_CANDIDATES)]
+  assert clip_search.channel_error(x, a_ch, bits, grid) == pytest.approx(min(errs))
 
 
 @pytest.mark.parametrize("grid", ["unsigned", "full"])
@@ -290,14 +294,14 @@ def test_channel_error_value_and_lsq_gradient(grid):
     return jnp.mean(err)
 
   got_fn = jax.jit(jax.value_and_grad(
-      lambda a: dq.channel_error(x, a, 3, grid)))
+      lambda a: clip_search.channel_error(x, a, 3, grid)))
   want_fn = jax.jit(jax.value_and_grad(ref))
   for alpha in (0.5, 2.0, 5.0):
     val, grad = got_fn(jnp.float32(alpha))
     want_val, want_grad = want_fn(jnp.float32(alpha))
     np.testing.assert_allclose(val, want_val, rtol=1e-5)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-6)
-  assert not np.any(jax.grad(lambda x: dq.channel_error(
+  assert not np.any(jax.grad(lambda x: clip_search.channel_error(
       x, jnp.float32(2.0), 3, grid))(x))  # x is stop-gradiented
 
 
@@ -307,14 +311,14 @@ def test_clip_quant_pact_gradient(grid):
   alpha = jnp.float32(2.0)
   qmin, qmax = qz.grid_range(grid, 3)
   bound = qz.grid_bound(grid, 3)
-  dx, da = jax.grad(lambda x, a: jnp.sum(dq.clip_quant(x, a, 3, grid)),
+  dx, da = jax.grad(lambda x, a: jnp.sum(clip_search.clip_quant(x, a, 3, grid)),
                     argnums=(0, 1))(x, alpha)
   hi, lo = qmax / bound * 2.0, qmin / bound * 2.0
   inside = (x > lo) & (x < hi)
   np.testing.assert_array_equal(dx, inside.astype(jnp.float32))
   want = qmax / bound * jnp.sum(x >= hi) + qmin / bound * jnp.sum(x <= lo)
   np.testing.assert_allclose(da, want, rtol=1e-6)
-  q = dq.clip_quant(x, alpha, 3, grid)
+  q = clip_search.clip_quant(x, alpha, 3, grid)
   assert len(np.unique(q)) <= 8 and float(q.max()) <= hi + 1e-6
 
 
@@ -351,7 +355,7 @@ def test_layer_jit_grad_aux_loss(kind, bits, granularity):
   loss_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
   (total, (y, sown)), grads = loss_and_grad(params, 1.0)
   assert list(sown) == ["input_dq_err"]
-  np.testing.assert_allclose(sown["input_dq_err"][0], dq.channel_error(
+  np.testing.assert_allclose(sown["input_dq_err"][0], clip_search.channel_error(
       x[::dq.AUX_STRIDE], params["input_dq_alpha"], bits, "unsigned"),
                              rtol=1e-5)
   assert np.isfinite(total) and np.all(np.isfinite(y))
@@ -373,14 +377,14 @@ def test_alpha_init_from_data_or_pact_init():
   x = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(1), shape))
   data = layer.init(jax.random.PRNGKey(0), x)["params"]
   assert float(data["input_dq_alpha"]) == pytest.approx(
-      float(dq.fit_clip(x, 3, "unsigned")))
+      float(clip_search.fit_clip(x, 3, "unsigned")))
 
 
 def _dense_ref(params, x, alpha, bits):
   """QuantDense by hand: clip-quantized input times DQ kernel, plus bias."""
-  kernel = dq.quantize_levels(params["kernel"],
-                              dq.sorted_levels(params["kernel_dq_levels"]))
-  return (dq.clip_quant(x, alpha, bits, "unsigned") @ kernel
+  kernel = lv.quantize_levels(params["kernel"],
+                              lv.sorted_levels(params["kernel_dq_levels"]))
+  return (clip_search.clip_quant(x, alpha, bits, "unsigned") @ kernel
           + params["bias"])
 
 
@@ -393,7 +397,7 @@ def test_static_calibration_ema():
   params = variables["params"]
   assert "input_dq_alpha" not in params
   assert int(variables["quant_stats"]["input_count"]) == 0
-  fit = lambda x: dq.fit_clip(x, 4, "unsigned")  # noqa: E731
+  fit = lambda x: clip_search.fit_clip(x, 4, "unsigned")  # noqa: E731
   apply = layer.apply
   # Frozen and never updated: the batch clip is used.
   np.testing.assert_allclose(apply(variables, x2),

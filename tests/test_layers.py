@@ -8,7 +8,7 @@ import pytest
 from jax import lax
 
 import aqt_ext as A
-from aqt_ext import quantizers as qz
+from aqt_ext.core import quantizers as qz
 from aqt_ext.config import LayerQuant, ModelQuant, TensorQuant
 
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -6,7 +6,7 @@ import pytest
 from jax.scipy import stats
 
 from aqt_ext.ptq import aquant, pwlq, rex
-from aqt_ext.quantizers import fake_quant, qparams_from_range
+from aqt_ext.core.quantizers import fake_quant, qparams_from_range
 
 
 def _normal(shape, seed=0, dtype=np.float32):

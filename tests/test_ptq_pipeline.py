@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from aqt_ext import models, train
-from aqt_ext import quantizers as qz
+from aqt_ext.core import quantizers as qz
 from aqt_ext.config import LayerQuant, TensorQuant
-from aqt_ext.layers import QuantConv, QuantDense
+from aqt_ext.linen.layers import QuantConv, QuantDense
 from aqt_ext.ptq import aquant, bn_fold, pipeline
 
 from test_train import tiny_config

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aqt_ext import quantizers as qz
+from aqt_ext.core import quantizers as qz
 from aqt_ext.config import LayerQuant, TensorQuant, layer_preset
-from aqt_ext.layers import QuantConv, QuantDense
+from aqt_ext.linen.layers import QuantConv, QuantDense
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aqt_ext import quantizers as qz
+from aqt_ext.core import quantizers as qz
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

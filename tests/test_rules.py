@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from aqt_ext import quantizers as qz
+from aqt_ext.core import quantizers as qz
 from aqt_ext.config import (LayerQuant, ModelQuant, TensorQuant, layer_preset,
                             parse_spec)
-from aqt_ext.layers import (QuantConv, QuantDense, QuantInitWarning,
-                            calibrate_lsq_steps)
-from aqt_ext.rules import QuantDotGeneral, QuantizedModel, quantize_model
+from aqt_ext.core.context import QuantInitWarning
+from aqt_ext.linen.layers import (QuantConv, QuantDense, QuantEinsum,
+                                  calibrate_lsq_steps)
+from aqt_ext.linen.rules import QuantDotGeneral, QuantizedModel, quantize_model
 
 FLOAT = LayerQuant()
 W8A8 = parse_spec("w8a8").default                       # unsigned inputs
@@ -356,14 +357,21 @@ def test_rule_matching_an_unquantizable_module_warns():
                    kwargs)
 
 
-def test_einsum_is_not_quantizable():
+def test_einsum_is_quantized_as_quant_einsum():
+  """nn.Einsum matched by a rule runs as QuantEinsum on the same params."""
   class Model(nn.Module):
     @nn.compact
     def __call__(self, x):
       return nn.Einsum((12, 3), "bi,io->bo")(x)
 
-  with pytest.warns(UserWarning, match=r"'Einsum_0' \(Einsum\)"):
-    _abstract_init(quantize_model(Model(), [(".*", W8A8)]), MLP_X)
+  qm = quantize_model(Model(), [(".*", W8A8)])
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 12)), jnp.float32)
+  variables = qm.init(jax.random.PRNGKey(0), x)
+  direct = QuantEinsum((12, 3), "bi,io->bo", quant=W8A8)
+  want = direct.apply({"params": variables["params"]["Einsum_0"]}, x)
+  np.testing.assert_array_equal(qm.apply(variables, x), want)
+  assert not np.array_equal(want, Model().apply(variables, x))
+  assert qm.report(None, x).quantized == ("Einsum_0",)
 
 
 def test_layers_that_cannot_be_mirrored_raise():
@@ -424,8 +432,9 @@ def test_a_model_run_through_the_nnx_bridge_warns_that_nothing_is_quantized():
   got = _warnings_of(lambda: _abstract_init(model, MLP_X))
   assert len(got) == 1
   assert "nothing is quantized" in got[0]
-  assert "no nn.Dense/nn.DenseGeneral/nn.Conv layer was called" in got[0]
-  assert "NNX models are not supported" in got[0]
+  assert ("no nn.Dense/nn.DenseGeneral/nn.Conv/nn.Einsum layer was called"
+          in got[0])
+  assert "aqt_ext.nnx.quantize_model" in got[0]
   assert model.report(None, *MLP_X).layers == {}
 
 

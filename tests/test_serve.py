@@ -16,7 +16,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from aqt_ext import models, serve
 from aqt_ext.config import LayerQuant, TensorQuant, parse_spec
-from aqt_ext.rules import quantize_model
+from aqt_ext.linen.rules import quantize_model
 
 EVAL = {"train": False}
 RESNET_QUANT = parse_spec("w4a4_fl8", first=models.FIRST_LAYER,
@@ -808,7 +808,7 @@ def test_two_input_model_is_served(tmp_path):
 
 
 class MixedFloat(nn.Module):
-  """Conv and Dense (quantized) around ConvTranspose, ConvLocal and Einsum,
+  """Conv, Einsum and Dense (quantized) around ConvTranspose and ConvLocal,
   which `quantize_model` leaves float."""
 
   @nn.compact
@@ -827,14 +827,14 @@ def test_layers_left_float_are_served_float(tmp_path):
   variables = random_variables(MixedFloat(), x)
   with pytest.warns(UserWarning, match="cannot be quantized"):
     served, _ = serve_and_compare(model, variables, (x,), str(tmp_path),
-                                  exact=False)  # float convs and einsum
+                                  exact=False)  # float convs
   meta = served.metadata
-  assert sorted(meta["layers"]) == ["Conv_0", "Dense_0"]
+  assert sorted(meta["layers"]) == ["Conv_0", "Dense_0", "Einsum_0"]
+  assert meta["layers"]["Einsum_0"]["module"] == "QuantEinsum"
   assert meta["float_layers"] == {
       "ConvLocal_0": {"module": "ConvLocal", "params": ["bias", "kernel"]},
       "ConvTranspose_0": {"module": "ConvTranspose",
-                          "params": ["bias", "kernel"]},
-      "Einsum_0": {"module": "Einsum", "params": ["bias", "kernel"]}}
+                          "params": ["bias", "kernel"]}}
   params = served.variables["params"]
   for name in meta["float_layers"]:  # stored as trained
     jax.tree.map(np.testing.assert_array_equal, params[name],
@@ -872,3 +872,24 @@ def test_truncated_files_name_the_file(exported, tmp_path):
                      "is damaged or incomplete; export the model again") as e:
     serve.load(str(arrays_copy), resnet(), X, call_kwargs=EVAL)
   assert str(arrays_copy / "arrays") in str(e.value)
+
+
+class EinsumModel(nn.Module):
+  """Einsums (one with a batch letter) between ReLUs: served exactly."""
+
+  @nn.compact
+  def __call__(self, x):  # (batch, 3, 4)
+    x = nn.relu(nn.Einsum((3, 4, 5), "bhi,hio->bho")(x))
+    x = nn.relu(nn.Einsum((5, 6), "bhi,io->bho")(x))
+    return nn.Dense(2)(x.reshape(x.shape[0], -1))
+
+
+def test_einsum_layers_are_served_from_integers(tmp_path):
+  x = np.random.default_rng(11).normal(size=(4, 3, 4)).astype(np.float32)
+  model = quantize_model(EinsumModel(), [(".*", W4A8)])
+  variables = random_variables(EinsumModel(), x)
+  served, _ = serve_and_compare(model, variables, (x,), str(tmp_path))
+  meta = served.metadata["layers"]
+  assert sorted(meta) == ["Dense_0", "Einsum_0", "Einsum_1"]
+  assert meta["Einsum_0"]["kernel_shape"] == [3, 4, 5]
+  assert set(served.variables["params"]["Einsum_0"]) == {"bias"}

@@ -26,7 +26,7 @@ import optax
 import pytest
 
 import aqt_ext as A
-from aqt_ext import dq
+from aqt_ext.core import clip_search, dq, levels
 from aqt_ext.config import LayerQuant, TensorQuant
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -236,7 +236,7 @@ def test_train_step_adds_the_dq_auxiliary_loss(tmp_path):
   alpha = s1.params["dense0"]["input_dq_alpha"]
   x = batch["image"][::dq.AUX_STRIDE]
   err, derr = jax.value_and_grad(
-      lambda a: dq.channel_error(x, a, bits, "full"))(alpha)
+      lambda a: clip_search.channel_error(x, a, bits, "full"))(alpha)
   assert float(err) > 0 and float(derr) != 0
   np.testing.assert_allclose(m1["loss"] - m1["cross_entropy"], err,
                              rtol=1e-5)

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from aqt_ext.config import ModelQuant
-from aqt_ext.layers import QuantConv, QuantDense
+from aqt_ext.linen.layers import QuantConv, QuantDense
 
 ModuleDef = Callable[..., nn.Module]
 

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from aqt_ext import quantizers as qz
+from aqt_ext.core import quantizers as qz
 
 ArrayLike = jax.typing.ArrayLike
 LayerFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -73,7 +73,7 @@ def init_border(w: ArrayLike, w_hat: ArrayLike, in_axis: int = -2
   return alpha, jnp.zeros_like(alpha)
 
 
-# The border and the rounding are quantizers of the core (`aqt_ext.layers`
+# The border and the rounding are quantizers of the core (`aqt_ext.core.uniform`
 # runs them inside QuantConv / QuantDense with ``rounding='border'``).
 border = qz.border
 aquant_round = qz.border_round

@@ -16,7 +16,7 @@
    with float weights (``TensorQuant('float')``) on those values.
 5. Calibrates the static activation ranges of the layers' inputs on the first
    ``config.num_calibration_batches`` training batches (no augmentation),
-   through the ``quant_stats`` collection of `aqt_ext.layers`: ``ema`` (the
+   through the ``quant_stats`` collection of `aqt_ext.core.context`: ``ema`` (the
    layers' EMA, decay ``ptq.ema_decay``, first batch taken as is) or ``max``
    (the maximum over the batches of each batch's range).
 6. Evaluates on the whole eval split (or ``config.num_eval_examples``) and
@@ -63,7 +63,7 @@ Methods (``config.ptq.method``):
   quantized network with the initial borders [design]. The scale is the
   static range calibrated with borders 1/2 (round half up). Eval uses the
   hard border, inside the quantized layers: their inputs have
-  ``rounding='border'`` (`aqt_ext.layers.border_rounding`), with the
+  ``rounding='border'`` (`aqt_ext.core.uniform.border_rounding`), with the
   per-channel ``input_border_alpha`` / ``input_border_beta`` of each layer
   in the ``aquant`` variable collection.
 
@@ -104,10 +104,11 @@ from absl import logging
 from aqt_ext import cost as cost_lib
 from aqt_ext import data as data_lib
 from aqt_ext import models
-from aqt_ext import quantizers as qz
+from aqt_ext.core import quantizers as qz
 from aqt_ext import train
 from aqt_ext.config import LayerQuant, ModelQuant, parse_spec
-from aqt_ext.layers import AQUANT, STATS, QuantConv, QuantDense
+from aqt_ext.core.context import AQUANT, STATS
+from aqt_ext.linen.layers import QuantConv, QuantDense
 from aqt_ext.ptq import aquant, bn_fold, pwlq, rex
 
 METHODS = ("rtn", "pwlq", "rex", "aquant")

@@ -51,7 +51,7 @@ import numpy as np
 from jax import lax
 from jax.scipy import stats
 
-from aqt_ext.quantizers import fake_quant, qparams_from_range
+from aqt_ext.core.quantizers import fake_quant, qparams_from_range
 
 ArrayLike = jax.typing.ArrayLike
 Density = Callable[[jax.Array], jax.Array]

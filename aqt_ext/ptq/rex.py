@@ -28,7 +28,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from aqt_ext.quantizers import fake_quant, observe_range, qparams_from_range
+from aqt_ext.core.quantizers import fake_quant, observe_range, qparams_from_range
 
 Quantizer = Callable[[jax.Array], jax.Array]
 LayerFn = Callable[[jax.Array, jax.Array], jax.Array]

@@ -1,7 +1,7 @@
 """Quantize an ordinary Flax (linen) model by regex rules on module paths.
 
 ``quantize_model(module, rules)`` wraps a model written with plain
-``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Conv`` (it need not know this
+``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Conv`` / ``nn.Einsum`` (it need not know this
 package) into a `QuantizedModel` that behaves like it, with every matched
 layer quantized: fake quant with straight-through gradients for QAT, or
 integer operands with int32 accumulation for inference
@@ -19,7 +19,7 @@ Parameters. The wrapper adds no level to the variable tree and every layer
 keeps its own parameter names and shapes, so a float checkpoint loads as is.
 Quantizers that learn add parameters next to ``kernel`` (``input_lsq_step``,
 ``kernel_lsq_step``, ``input_pact_alpha``, ...); static ranges go to the
-``quant_stats`` collection (see `aqt_ext.layers`). Create the missing ones
+``quant_stats`` collection (see `aqt_ext.linen.layers`). Create the missing ones
 from a float checkpoint with ``model.apply(float_vars, x, mutable=True,
 rngs={'params': key})`` (as `aqt_ext.train.initial_variables` does).
 
@@ -29,7 +29,8 @@ layer's ``__call__`` is replaced, in that layer's own scope (so it reads and
 creates that layer's variables):
 
 * ``nn.Dense`` -> the equivalent `QuantDense` (same fields, the rule's
-  LayerQuant), bound to the Dense's scope;
+  LayerQuant), bound to the Dense's scope; ``nn.Einsum`` -> `QuantEinsum`
+  likewise (explicit two-operand equations without ``...``);
 * ``nn.Conv`` -> the equivalent `QuantConv`, likewise; paddings other than
   ``'SAME'``, ``'VALID'``, ints and ``(lo, hi)`` pairs are refused;
 * ``nn.DenseGeneral`` -> a clone of the layer, bound to the same scope, whose
@@ -41,9 +42,7 @@ creates that layer's variables):
   (Flax 0.12 marks ``DenseGeneral.dot_general`` as deprecated; should it go,
   this case needs its own parameter code.)
 
-Not quantizable: ``nn.Einsum`` (its contraction is a ``jnp.einsum`` that
-offers no hook, and no quantized equivalent exists in `aqt_ext.layers`),
-``nn.ConvTranspose``, ``nn.ConvLocal``, ``nn.Embed``, norms, and any custom
+Not quantizable: ``nn.ConvTranspose``, ``nn.ConvLocal``, ``nn.Embed``, norms, and any custom
 layer. A non-float rule matching such a module, when the module owns
 variables, leaves it float and warns (one warning per rule and call,
 listing the modules; a float rule for them first silences it). A non-float
@@ -79,12 +78,13 @@ from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-from jax import lax
 
-from aqt_ext import quantizers as qz
 from aqt_ext.config import LayerQuant, ModelQuant
-from aqt_ext.layers import QuantConv, QuantDense, Quantized, quant_operand
+from aqt_ext.rules_report import (LayerMatch, Record, RulesReport, is_float,
+                                  refuse_unmirrored)
+from aqt_ext.core import contract
+from aqt_ext.linen.layers import (LinenContext, QuantConv, QuantDense,
+                                  QuantEinsum)
 
 Rules = ModelQuant | Sequence[tuple[str, LayerQuant]]
 
@@ -95,8 +95,9 @@ SUPPORTED: dict[type, tuple[str, ...]] = {
     nn.DenseGeneral: ("promote_dtype", "dot_general", "dot_general_cls"),
     nn.Conv: ("mask", "promote_dtype", "conv_general_dilated",
               "conv_general_dilated_cls"),
+    nn.Einsum: ("promote_dtype", "preferred_element_type"),
 }
-CONV_PADDINGS = ("SAME", "VALID")
+SUPPORTED_NAMES = tuple("nn." + b.__name__ for b in SUPPORTED)
 
 
 def as_model_quant(rules: Rules) -> ModelQuant:
@@ -113,65 +114,9 @@ def as_model_quant(rules: Rules) -> ModelQuant:
   return ModelQuant(rules=tuple(rules))
 
 
-def is_float(lq: LayerQuant) -> bool:
-  """True when neither operand of the layer is quantized or rounded."""
-  return lq.weight.method == "float" and lq.input.method == "float"
-
-
 # ---------------------------------------------------------------------------
 # The quantized contraction of DenseGeneral.
 # ---------------------------------------------------------------------------
-
-def _scale_to_output(scale: jax.Array, contracting: Sequence[int],
-                     batch: Sequence[int], other_free: int, lhs: bool
-                     ) -> jax.Array:
-  """An operand's keepdims scale, laid out like the dot_general output.
-
-  The output axes are (batch..., lhs free..., rhs free...); the scale's
-  contracting axes have size 1 and are dropped, the other operand's free
-  axes become size-1 axes.
-  """
-  if scale.size == 1:
-    return scale.reshape(())
-  free = [a for a in range(scale.ndim) if a not in contracting
-          and a not in batch]
-  t = jnp.transpose(scale, tuple(batch) + tuple(free) + tuple(contracting))
-  b = tuple(scale.shape[a] for a in batch)
-  f = tuple(scale.shape[a] for a in free)
-  ones = (1,) * other_free
-  return t.reshape(b + f + ones if lhs else b + ones + f)
-
-
-def int_dot_general(x_q: Quantized, w_q: Quantized, dimension_numbers,
-                    out_dtype) -> jax.Array:
-  """Integer dot_general: int32 accumulation, then * s_x * s_w (AQT order).
-
-  Operands as `quant_operand(..., want_int=True)` gives them, not grouped.
-  """
-  if x_q.grouped or w_q.grouped:
-    raise ValueError("TensorQuant.granularity='per_group' cannot run with "
-                     "LayerQuant.execution='int' in nn.DenseGeneral; "
-                     "allowed: 'per_tensor', 'per_channel'")
-  (lc, rc), (lb, rb) = dimension_numbers
-  xi, wi = x_q.ints, w_q.ints
-  if xi.dtype != wi.dtype:
-    xi, wi = xi.astype(jnp.int16), wi.astype(jnp.int16)
-  acc = lax.dot_general(xi, wi, dimension_numbers,
-                        preferred_element_type=jnp.int32)
-  n_lhs_free = xi.ndim - len(lc) - len(lb)
-  n_rhs_free = wi.ndim - len(rc) - len(rb)
-  sx = _scale_to_output(x_q.qp.scale, lc, lb, n_rhs_free, lhs=True)
-  sw = _scale_to_output(w_q.qp.scale, rc, rb, n_lhs_free, lhs=False)
-  return acc.astype(out_dtype) * sx.astype(out_dtype) * sw.astype(out_dtype)
-
-
-def dot_general_axes(dimension_numbers) -> tuple[qz.OperandAxes,
-                                                 qz.OperandAxes]:
-  """Operand axes of (input, kernel); the feature axis is the last
-  contracting one."""
-  (lc, rc), _ = dimension_numbers
-  return (qz.OperandAxes(tuple(lc), lc[-1]), qz.OperandAxes(tuple(rc), rc[-1]))
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class QuantDotGeneral:
@@ -187,17 +132,9 @@ class QuantDotGeneral:
   def __call__(self, lhs: jax.Array, rhs: jax.Array, dimension_numbers,
                precision: Any = None, preferred_element_type: Any = None
                ) -> jax.Array:
-    want_int = self.quant.execution == "int"
-    x_axes, w_axes = dot_general_axes(dimension_numbers)
-    x_q = quant_operand(self.module, "input", lhs, self.quant.input, x_axes,
-                        is_weight=False, want_int=want_int)
-    w_q = quant_operand(self.module, "kernel", rhs, self.quant.weight, w_axes,
-                        is_weight=True, want_int=want_int)
-    if want_int:
-      return int_dot_general(x_q, w_q, dimension_numbers, lhs.dtype)
-    return lax.dot_general(x_q.fake, w_q.fake, dimension_numbers,
-                           precision=precision,
-                           preferred_element_type=preferred_element_type)
+    return contract.dot_general(LinenContext(self.module), self.quant, lhs,
+                                rhs, dimension_numbers, precision,
+                                preferred_element_type)
 
 
 # ---------------------------------------------------------------------------
@@ -216,18 +153,9 @@ def layer_type(mdl: nn.Module) -> tuple[type | None, bool]:
 def _check_fields(mdl: nn.Module, base: type, path: str) -> None:
   """Refuses settings that the quantized computation does not mirror."""
   defaults = {f.name: f.default for f in dataclasses.fields(type(mdl))}
-  for name in SUPPORTED[base]:
-    if getattr(mdl, name) is not defaults[name]:
-      raise ValueError(
-          f"quantize_model: {path!r} (nn.{base.__name__}) sets {name}, which "
-          f"the quantized layer cannot mirror; allowed: {name}="
-          f"{defaults[name]!r}")
-  if base is nn.Conv and isinstance(mdl.padding, str) and (
-      mdl.padding not in CONV_PADDINGS):
-    raise ValueError(
-        f"quantize_model: {path!r} nn.Conv.padding={mdl.padding!r} cannot be "
-        f"quantized; allowed: {', '.join(map(repr, CONV_PADDINGS))}, int or "
-        "(lo, hi) pairs")
+  refuse_unmirrored(path, f"nn.{base.__name__}", {
+      n: (getattr(mdl, n), defaults[n]) for n in SUPPORTED[base]},
+                    mdl.padding if base is nn.Conv else None)
 
 
 def _equivalent(mdl: nn.Module, cls: type, lq: LayerQuant) -> nn.Module:
@@ -246,6 +174,8 @@ def quantized_call(mdl: nn.Module, base: type, lq: LayerQuant, path: str,
     return _equivalent(mdl, QuantDense, lq)(*args, **kwargs)
   if base is nn.Conv:
     return _equivalent(mdl, QuantConv, lq)(*args, **kwargs)
+  if base is nn.Einsum:
+    return _equivalent(mdl, QuantEinsum, lq)(*args, **kwargs)
   clone = mdl.clone(parent=mdl.scope, dot_general=QuantDotGeneral(mdl, lq))
   return clone(*args, **kwargs)
 
@@ -260,132 +190,13 @@ def _owns_variables(mdl: nn.Module) -> bool:
 # The interceptor and its record.
 # ---------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class LayerMatch:
-  """How one supported layer was configured.
-
-  Attributes:
-    layer: the layer type, e.g. ``'Dense'``.
-    rule: index of the rule that matched, None where the default applied.
-    pattern: that rule's regex (None for the default).
-    quant: the LayerQuant it got.
-  """
-
-  layer: str
-  rule: int | None
-  pattern: str | None
-  quant: LayerQuant
-
-
-@dataclasses.dataclass(frozen=True)
-class RulesReport:
-  """What the rules did on one trace of the model.
-
-  Attributes:
-    layers: path -> `LayerMatch`, for every supported layer called.
-    unused: the regexes of rules that selected no supported layer.
-    not_quantizable: path -> type name, for modules owning variables that a
-      rule matched but that cannot be quantized (left float).
-  """
-
-  layers: dict[str, LayerMatch]
-  unused: tuple[str, ...]
-  not_quantizable: dict[str, str]
-
-  @property
-  def quantized(self) -> tuple[str, ...]:
-    """Paths of the layers that run quantized."""
-    return tuple(p for p, m in self.layers.items() if not is_float(m.quant))
-
-
-@dataclasses.dataclass
-class _Record:
-  """What one trace saw: supported layers, unquantizable matches, the rules
-  that matched other modules owning variables, NNX bridge modules."""
-
-  layers: dict[str, LayerMatch] = dataclasses.field(default_factory=dict)
-  # path -> (type name, index of the rule that matched it)
-  not_quantizable: dict[str, tuple[str, int]] = dataclasses.field(
-      default_factory=dict)
-  other_matches: set[int] = dataclasses.field(default_factory=set)
-  # path -> type name of the unsupported modules owning variables
-  others: dict[str, str] = dataclasses.field(default_factory=dict)
-  nnx: set[str] = dataclasses.field(default_factory=set)
-
-  def report(self, quant: ModelQuant) -> RulesReport:
-    used = {m.rule for m in self.layers.values()}
-    unused = tuple(p for i, (p, _) in enumerate(quant.rules) if i not in used)
-    return RulesReport(dict(self.layers), unused,
-                       {p: t for p, (t, _) in self.not_quantizable.items()})
-
-  def warn(self, quant: ModelQuant) -> None:
-    """One warning per rule that matched modules it cannot quantize."""
-    by_rule: dict[int, list[str]] = {}
-    for path, (name, rule) in self.not_quantizable.items():
-      by_rule.setdefault(rule, []).append(f"{path!r} ({name})")
-    for rule, found in sorted(by_rule.items()):
-      warnings.warn(
-          f"quantize_model: rule {rule} ({quant.rules[rule][0]!r}) matches "
-          f"{', '.join(found)}, which cannot be quantized (supported: "
-          f"{', '.join('nn.' + b.__name__ for b in SUPPORTED)}); they stay "
-          "float", stacklevel=2)
-    self._warn_unmatched(quant)
-
-  def _warn_unmatched(self, quant: ModelQuant) -> None:
-    """Warns when rules that quantize select no layer: all of them (saying
-    why), or, where some layer is quantized, each rule that selects none."""
-    if is_float(quant.default) and all(is_float(lq) for _, lq in quant.rules):
-      return  # nothing to quantize was asked for
-    supported = "/".join("nn." + b.__name__ for b in SUPPORTED)
-    patterns = ", ".join(repr(p) for p, _ in quant.rules) or "none"
-    if not self.layers:
-      why = f"no {supported} layer was called inside the wrapped model"
-      if self.others:
-        why += (" (modules with variables it called: " + ", ".join(
-            f"{p!r} ({t})" for p, t in list(self.others.items())[:8]) + ")")
-      if self.nnx:
-        why += (f"; it runs NNX modules through nnx.bridge "
-                f"({', '.join(sorted(self.nnx))}), and quantize_model "
-                "quantizes linen layers only: NNX models are not supported "
-                "yet")
-      warnings.warn(f"quantize_model: nothing is quantized, the model runs "
-                    f"in float: {why}", stacklevel=3)
-      return
-    if all(is_float(m.quant) for m in self.layers.values()):
-      warnings.warn(
-          "quantize_model: nothing is quantized, the model runs in float: "
-          f"no rule (patterns: {patterns}) matches any of the "
-          f"{len(self.layers)} layer paths {_some(self.layers)}",
-          stacklevel=3)
-      return
-    used = ({m.rule for m in self.layers.values()} | self.other_matches
-            | {rule for _, rule in self.not_quantizable.values()})
-    for i, (pattern, _) in enumerate(quant.rules):
-      if i in used:
-        continue
-      shadowed = [p for p in self.layers if re.search(pattern, p)]
-      why = (f"every layer it matches ({_some(shadowed)}) is taken by an "
-             "earlier rule" if shadowed else
-             f"it matches none of the layer paths {_some(self.layers)}")
-      warnings.warn(f"quantize_model: rule {i} ({pattern!r}) configures no "
-                    f"layer: {why}", stacklevel=3)
-
-
-def _some(paths, n: int = 8) -> str:
-  """The first `n` of `paths`, quoted, and how many there are in all."""
-  paths = list(paths)
-  shown = ", ".join(repr(p) for p in paths[:n])
-  return shown + (f", ... ({len(paths)} in all)" if len(paths) > n else "")
-
-
 class _Rewriter:
   """Method interceptor replacing matched layers' ``__call__``."""
 
   def __init__(self, quant: ModelQuant, prefix: tuple[str, ...]):
     self.quant = quant
-    self.patterns = [re.compile(p) for p, _ in quant.rules]
     self.prefix = tuple(prefix)
-    self.record = _Record()
+    self.record = Record(SUPPORTED_NAMES)
 
   def _relative_path(self, mdl: nn.Module) -> str | None:
     path = tuple(str(p) for p in mdl.scope.path)
@@ -393,24 +204,18 @@ class _Rewriter:
       return None
     return "/".join(path[len(self.prefix):])
 
-  def _match(self, path: str) -> tuple[int | None, LayerQuant]:
-    for i, pattern in enumerate(self.patterns):
-      if pattern.search(path):
-        return i, self.quant.rules[i][1]
-    return None, self.quant.default
-
   def __call__(self, next_fun, args, kwargs, context):
     mdl = context.module
     if type(mdl).__module__.startswith("flax.nnx"):
       self.record.nnx.add(type(mdl).__name__)
     if (context.method_name != "__call__"
-        or isinstance(mdl, (QuantDense, QuantConv))
+        or isinstance(mdl, (QuantDense, QuantConv, QuantEinsum))
         or isinstance(getattr(mdl, "dot_general", None), QuantDotGeneral)):
       return next_fun(*args, **kwargs)
     path = self._relative_path(mdl)
     if path is None:
       return next_fun(*args, **kwargs)
-    rule, lq = self._match(path)
+    rule, lq = self.quant.match(path)
     base, custom = layer_type(mdl)
     asked = rule is not None and not is_float(lq)
     if base is None or custom:
@@ -526,5 +331,5 @@ def quantize_model(module: nn.Module, rules: Rules) -> QuantizedModel:
 
 
 __all__ = ["QuantizedModel", "QuantDotGeneral", "RulesReport", "LayerMatch",
-           "SUPPORTED", "as_model_quant", "int_dot_general", "is_float",
-           "layer_type", "quantize_model"]
+           "SUPPORTED", "as_model_quant", "is_float", "layer_type",
+           "quantize_model"]

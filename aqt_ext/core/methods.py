@@ -1,0 +1,31 @@
+"""The registry of quantization methods (see `aqt_ext.core.registry`).
+
+To add a method: write its file in `aqt_ext.core` (a `Method` record and its
+``quantize(ctx, operand)``) and add it to `REGISTRY` below.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from aqt_ext.core import dq, floats, lsq, pact, uniform
+from aqt_ext.core import quantizers as qz
+from aqt_ext.core.context import QuantContext
+from aqt_ext.core.int_ops import Quantized
+from aqt_ext.core.operand import Operand
+from aqt_ext.core.registry import Registry
+
+REGISTRY = Registry([floats.FLOAT, floats.BF16, uniform.UNIFORM, lsq.LSQ,
+                     pact.PACT, dq.DQ])
+
+
+def quantize_operand(ctx: QuantContext, name: str, x: jax.Array, tq: Any,
+                     axes: qz.OperandAxes, *, is_weight: bool,
+                     want_int: bool = False) -> Quantized:
+  """Quantizes operand `x` (``'kernel'`` or ``'input'``) of the layer behind
+  `ctx` by `tq` (a `TensorQuant`), creating the quantizer's state: the fake
+  quantized value, or with `want_int` the integer operand and its scale."""
+  return REGISTRY.get(tq.method).quantize(
+      ctx, Operand(name, x, tq, axes, is_weight, want_int))
