@@ -128,8 +128,9 @@ from aqt_ext.core import quantizers as qz
 from aqt_ext.core.context import STATS
 from aqt_ext.core.int_ops import Quantized
 from aqt_ext.core.methods import REGISTRY
-from aqt_ext.linen.layers import (QuantConv, QuantDense, QuantEinsum,
-                                  conv_geometry, quant_operand, resolve_quant)
+from aqt_ext.core.methods import quantize_operand
+from aqt_ext.linen.layers import (LinenContext, QuantConv, QuantDense,
+                                  QuantEinsum, conv_geometry, resolve_quant)
 from aqt_ext.linen.rules import QuantDotGeneral, is_float
 from aqt_ext.train import silence_aborted_restore_echoes
 
@@ -214,8 +215,44 @@ def unpack_ints(packed: Any, bits: int, shape) -> jax.Array:
 # Layers: which are served, their configs and geometry.
 # ---------------------------------------------------------------------------
 
+class ServingView:
+  """A quantized layer of another framework, seen as serving sees a linen
+  layer: the attributes of its geometry (``dtype``, ``param_dtype``,
+  ``use_bias``, ``features``; a conv's ``kernel_size``, ``strides``,
+  ``padding``, ``input_dilation``, ``kernel_dilation``,
+  ``feature_group_count``; a DenseGeneral's ``axis``, ``batch_dims``; an
+  Einsum's ``shape``, ``einsum_str``), ``get_variable`` /
+  ``has_variable`` / ``put_variable`` on ``'params'`` (its params and its
+  serving arrays), and the methods below (`aqt_ext.nnx.serve` implements it
+  for NNX)."""
+
+  kind: str  # 'dense' | 'conv' | 'dense_general' | 'einsum'
+  path: str
+
+  def layer_quant(self) -> LayerQuant:
+    raise NotImplementedError
+
+  def quant_context(self):
+    """The layer's `aqt_ext.core.context.QuantContext`."""
+    raise NotImplementedError
+
+
+def _context(mdl):
+  return mdl.quant_context() if isinstance(mdl, ServingView) else (
+      LinenContext(mdl))
+
+
+def _quant_operand(mdl, name: str, x: jax.Array, tq: TensorQuant,
+                   axes: qz.OperandAxes, *, is_weight: bool) -> Quantized:
+  return quantize_operand(_context(mdl), name, x, tq, axes,
+                          is_weight=is_weight, want_int=True)
+
+
 def layer_kind(mdl: nn.Module) -> str | None:
-  """``dense`` / ``conv`` / ``dense_general`` for a quantized layer."""
+  """``dense`` / ``conv`` / ``dense_general`` / ``einsum`` for a quantized
+  layer."""
+  if isinstance(mdl, ServingView):
+    return mdl.kind
   if isinstance(mdl, QuantDense):
     return "dense"
   if isinstance(mdl, QuantConv):
@@ -229,6 +266,8 @@ def layer_kind(mdl: nn.Module) -> str | None:
 
 
 def _layer_quant(mdl: nn.Module, kind: str) -> LayerQuant:
+  if isinstance(mdl, ServingView):
+    return mdl.layer_quant()
   return mdl.dot_general.quant if kind == "dense_general" else resolve_quant(
       mdl)
 
@@ -245,10 +284,12 @@ def served_kind(mdl: nn.Module) -> str | None:
 
 def _path(mdl: nn.Module) -> str:
   """A module's path, ``'/'``-joined (``''`` for the top-level module)."""
+  if isinstance(mdl, ServingView):
+    return mdl.path
   return "/".join(str(p) for p in mdl.scope.path)
 
 
-def _join(*parts: str) -> str:
+def join_path(*parts: str) -> str:
   """``'/'``-joins the non-empty parts (the top-level path is ``''``)."""
   return "/".join(p for p in parts if p)
 
@@ -386,7 +427,7 @@ def _int_shape(shape: tuple[int, ...], tq: TensorQuant, feature: int
 # Export.
 # ---------------------------------------------------------------------------
 
-class _ExportRecorder:
+class ExportRecorder:
   """Interceptor: quantizes each integer-served layer's kernel (and its
   input) as integer execution does, stores the integer kernel and the
   trained scales among the layer's params (`PARAM_PREFIX`), records the
@@ -399,18 +440,23 @@ class _ExportRecorder:
 
   def __call__(self, next_fun, args, kwargs, context):
     mdl = context.module
-    path = _path(mdl)
-    self.modules.setdefault(path, type(mdl).__name__)
+    self.modules.setdefault(_path(mdl), type(mdl).__name__)
     kind = served_kind(mdl) if context.method_name == "__call__" else None
     if kind is None:
       return next_fun(*args, **kwargs)
+    return self.record(mdl, kind, *args, **kwargs)
+
+  def record(self, mdl, kind: str, *args, **kwargs) -> jax.Array:
+    """Records served layer `mdl` (a linen layer or a `ServingView`) and
+    runs it with integer execution."""
+    path = _path(mdl)
     cfg = _layer_quant(mdl, kind)
     check_servable(cfg, kind, path)
     ops = _operands(mdl, kind, *args, **kwargs)
     (kernel,) = promote_dtype(mdl.get_variable("params", "kernel"),
                               dtype=ops.x.dtype)
-    x_q = quant_operand(mdl, "input", ops.x, cfg.input, ops.x_axes,
-                        is_weight=False, want_int=True)
+    x_q = _quant_operand(mdl, "input", ops.x, cfg.input, ops.x_axes,
+                         is_weight=False)
     lut = cfg.weight.method == "dq"
     if lut:  # b-bit indices (stored minus 2^(b-1), signed) + level table
       idx, table = lv.export_indices(
@@ -420,8 +466,8 @@ class _ExportRecorder:
       _put(mdl, "kernel_levels", table)
       w_q = Quantized(lv.lut_kernel(ints, table, cfg.weight.bits))
     else:
-      w_q = quant_operand(mdl, "kernel", kernel, cfg.weight, ops.w_axes,
-                          is_weight=True, want_int=True)
+      w_q = _quant_operand(mdl, "kernel", kernel, cfg.weight, ops.w_axes,
+                           is_weight=True)
       _put(mdl, "kernel", w_q.ints)
       _put(mdl, "kernel_scale", w_q.qp.scale)
     stored = _stored_input(cfg.input)
@@ -430,7 +476,8 @@ class _ExportRecorder:
       if x_q.qp.zero_point is not None:
         _put(mdl, "input_zero_point", x_q.qp.zero_point)
     self.layers[path] = {
-        "module": type(mdl).__name__, "kernel_shape": list(kernel.shape),
+        "module": getattr(mdl, "type_name", type(mdl).__name__),
+        "kernel_shape": list(kernel.shape),
         "int_shape": list(kernel.shape if lut else w_q.ints.shape),
         "weight": "lut" if lut else "int", "bits": cfg.weight.bits,
         "storage_bits": storage_bits(cfg.weight.bits),
@@ -489,21 +536,21 @@ def _as_variables(state: Any) -> dict:
                   f"{type(state).__name__}")
 
 
-def _flat(tree: Mapping) -> dict[str, Any]:
+def flat_tree(tree: Mapping) -> dict[str, Any]:
   return {"/".join(k): v for k, v in
           flax.traverse_util.flatten_dict(dict(tree)).items()}
 
 
-def _unflat(flat: Mapping[str, Any]) -> dict:
+def unflat_tree(flat: Mapping[str, Any]) -> dict:
   return flax.traverse_util.unflatten_dict(
       {tuple(k.split("/")): v for k, v in flat.items()})
 
 
 def _check_calibrated(layers: Mapping[str, dict], variables: Mapping) -> None:
-  stats = _flat(variables.get(STATS, {}))
+  stats = flat_tree(variables.get(STATS, {}))
   for path, meta in layers.items():
     if meta["quant"]["input"]["calibration"] == "static" and not np.all(
-        np.asarray(stats.get(_join(path, "input_count"), 0)) > 0):
+        np.asarray(stats.get(join_path(path, "input_count"), 0)) > 0):
       raise ValueError(
           f"layer {path!r}: the static input range was never calibrated "
           f"({STATS} input_count is 0); run the model with mutable="
@@ -532,17 +579,17 @@ def _finish_dq_layers(serve: dict, layers: Mapping[str, dict]) -> None:
   for path, meta in layers.items():
     if meta.get("weight") != "lut":
       continue
-    table = np.asarray(serve[_join(path, "kernel_levels")], np.float64)
+    table = np.asarray(serve[join_path(path, "kernel_levels")], np.float64)
     gaps = np.diff(table, axis=-1)
     d = np.mean(gaps, axis=-1, keepdims=True)
     centre = table[..., :1] + d * 2 ** (meta["bits"] - 1)
     if not (np.all(d > 0) and np.all(np.abs(gaps - d) <= UNIFORM_RTOL * d)
             and np.all(np.abs(centre) <= UNIFORM_RTOL * d)):
       continue
-    del serve[_join(path, "kernel_levels")]
-    lead = _lead_shape(serve[_join(path, "kernel")], meta)
+    del serve[join_path(path, "kernel_levels")]
+    lead = _lead_shape(serve[join_path(path, "kernel")], meta)
     ndim = len(meta["int_shape"])
-    serve[_join(path, "kernel_scale")] = d.astype(np.float32).reshape(
+    serve[join_path(path, "kernel_scale")] = d.astype(np.float32).reshape(
         lead + (1,) * (ndim - 1) + (-1,))
     meta["weight"] = "int"
 
@@ -563,22 +610,22 @@ def _take_serving(params: Mapping) -> dict[str, Any]:
   """The serving arrays (`PARAM_PREFIX` names) out of a params tree, flat
   (``'<layer path>/<name>'``)."""
   out = {}
-  for k, v in _flat(params).items():
+  for k, v in flat_tree(params).items():
     parent, _, name = k.rpartition("/")
     if name.startswith(PARAM_PREFIX):
-      out[_join(parent, name[len(PARAM_PREFIX):])] = v
+      out[join_path(parent, name[len(PARAM_PREFIX):])] = v
   return out
 
 
 def _with_serving_params(tree: Mapping) -> dict:
   """A serving variable dict as the model runs it: every layer's serving
   arrays among its params (`PARAM_PREFIX`), no `SERVE` collection."""
-  params = _flat(tree.get("params", {}))
-  for k, v in _flat(tree.get(SERVE, {})).items():
+  params = flat_tree(tree.get("params", {}))
+  for k, v in flat_tree(tree.get(SERVE, {})).items():
     parent, _, name = k.rpartition("/")
-    params[_join(parent, PARAM_PREFIX + name)] = v
+    params[join_path(parent, PARAM_PREFIX + name)] = v
   out = {c: v for c, v in tree.items() if c not in ("params", SERVE)}
-  out["params"] = _unflat(params)
+  out["params"] = unflat_tree(params)
   return out
 
 
@@ -600,22 +647,22 @@ def serving_tree(variables: Mapping, ints: Mapping, layers: Mapping[str, dict]
   """The serving variable dict from the trained variables and the recorded
   integer kernels and scales (packs the kernels). Params of modules that
   are not integer layers are kept as they are (float layers)."""
-  drop = {_join(p, n) for p in layers for n in ("kernel",) + QUANTIZER_PARAMS}
-  params = {k: v for k, v in _flat(variables["params"]).items()
+  drop = {join_path(p, n) for p in layers for n in ("kernel",) + QUANTIZER_PARAMS}
+  params = {k: v for k, v in flat_tree(variables["params"]).items()
             if k not in drop}
-  serve = _flat(ints)
+  serve = flat_tree(ints)
   _finish_dq_layers(serve, layers)
   for path, meta in layers.items():
-    serve[_join(path, "kernel")] = _pack_kernel(serve[_join(path, "kernel")],
+    serve[join_path(path, "kernel")] = _pack_kernel(serve[join_path(path, "kernel")],
                                                 meta)
-  tree = {"params": _unflat(params), SERVE: _unflat(serve)}
+  tree = {"params": unflat_tree(params), SERVE: unflat_tree(serve)}
   if variables.get("batch_stats"):
     tree["batch_stats"] = variables["batch_stats"]
   return jax.tree.map(np.asarray, tree)
 
 
 class _Traced:
-  """Marks where an array stood among call arguments (see `_split_arrays`)."""
+  """Marks where an array stood among call arguments (see `split_arrays`)."""
 
   def __repr__(self):
     return "<array>"
@@ -624,12 +671,12 @@ class _Traced:
 _TRACED = _Traced()
 
 
-def _split_arrays(tree: Any, what: str) -> tuple[list, tuple]:
+def split_arrays(tree: Any, what: str) -> tuple[list, tuple]:
   """Call arguments -> (their arrays, a hashable rest).
 
   Array leaves (``jax.Array``, numpy arrays and scalars, PRNG keys) are
   traced; every other leaf (Python bools, ints, strings, ...) is static and
-  must be hashable. `_merge_arrays` inverts it.
+  must be hashable. `merge_arrays` inverts it.
   """
   leaves, treedef = jax.tree.flatten(tree)
   arrays, static = [], []
@@ -649,15 +696,15 @@ def _split_arrays(tree: Any, what: str) -> tuple[list, tuple]:
   return arrays, (treedef, tuple(static))
 
 
-def _merge_arrays(arrays: Sequence, static: tuple) -> Any:
-  """Inverse of `_split_arrays`."""
+def merge_arrays(arrays: Sequence, static: tuple) -> Any:
+  """Inverse of `split_arrays`."""
   treedef, leaves = static
   it = iter(arrays)
   return treedef.unflatten([next(it) if leaf is _TRACED else leaf
                             for leaf in leaves])
 
 
-def _example_args(example_input: Any) -> tuple:
+def example_args(example_input: Any) -> tuple:
   """A tuple is the positional arguments; anything else the only one."""
   return example_input if isinstance(example_input, tuple) else (
       example_input,)
@@ -693,44 +740,57 @@ def export(model: nn.Module, state: Any, example_input: Any, directory: str,
   Returns:
     An `ExportResult` with the sizes.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   variables = _as_variables(state)
   kwargs = dict(call_kwargs or {})
-  directory = os.path.abspath(os.fspath(directory))
-  for name in (METADATA_FILE, ARRAYS_DIR):
-    if os.path.exists(os.path.join(directory, name)):
-      raise FileExistsError(f"{os.path.join(directory, name)} exists; export "
-                            "to a new directory")
-  dyn, static = _split_arrays((_example_args(example_input), kwargs),
+  directory = new_export_directory(directory)
+  dyn, static = split_arrays((example_args(example_input), kwargs),
                               "export example arguments")
-  recorder = _ExportRecorder()
+  recorder = ExportRecorder()
 
   def record(v, dyn, rngs):
-    args, kw = _merge_arrays(dyn, static)
+    args, kw = merge_arrays(dyn, static)
     with nn.intercept_methods(recorder):
       _, extra = model.apply(v, *args, rngs=rngs, mutable=["params"], **kw)
     return _take_serving(extra["params"])
 
   ints = jax.device_get(jax.jit(record)(variables, dyn, rngs))
+  return write_export(directory, variables, ints, recorder)
+
+
+def new_export_directory(directory: str) -> str:
+  """`directory` as an absolute path; refused if it holds a checkpoint."""
+  directory = os.path.abspath(os.fspath(directory))
+  for name in (METADATA_FILE, ARRAYS_DIR):
+    if os.path.exists(os.path.join(directory, name)):
+      raise FileExistsError(f"{os.path.join(directory, name)} exists; export "
+                            "to a new directory")
+  return directory
+
+
+def write_export(directory: str, variables: Mapping, ints: Mapping,
+                 recorder: "ExportRecorder") -> ExportResult:
+  """Writes the serving checkpoint: the arrays (trained `variables` less
+  the integer layers' float kernels and quantizer parameters, plus the
+  recorded integer kernels and scales `ints`), then ``serving.json``."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   layers = recorder.layers
   if not layers:
-    raise ValueError("export: the model has no quantized QuantDense / "
-                     "QuantConv / quantize_model layer to serve")
+    raise ValueError("export: the model has no quantized layer to serve")
   _check_calibrated(layers, variables)
   tree = serving_tree(variables, ints, layers)
-  float_layers = _float_layers(_flat(tree["params"]), layers,
+  float_layers = _float_layers(flat_tree(tree["params"]), layers,
                                recorder.modules)
 
-  params = {k: v for k, v in _flat(variables["params"]).items()
+  params = {k: v for k, v in flat_tree(variables["params"]).items()
             if not QUANT_PARAM_RE.search(k)}
   result = ExportResult(
       directory=directory, layers=len(layers),
       served_bytes=_nbytes((tree["params"], tree[SERVE])),
       served_kernel_bytes=_nbytes(
-          [v for k, v in _flat(tree[SERVE]).items()
+          [v for k, v in flat_tree(tree[SERVE]).items()
            if k.rsplit("/", 1)[-1] in ("kernel", "kernel_scale")]),
       float_params_bytes=_nbytes(params),
-      float_kernel_bytes=_nbytes([params[_join(p, "kernel")]
+      float_kernel_bytes=_nbytes([params[join_path(p, "kernel")]
                                   for p in layers]),
       float_layers=len(float_layers))
   os.makedirs(directory, exist_ok=True)
@@ -756,8 +816,7 @@ def _serve_input(mdl: nn.Module, x: jax.Array, tq: TensorQuant,
                  axes: qz.OperandAxes) -> Quantized:
   """The integer input: from the stored scale, or dynamic as in training."""
   if not _stored_input(tq):
-    return quant_operand(mdl, "input", x, tq, axes, is_weight=False,
-                         want_int=True)
+    return _quant_operand(mdl, "input", x, tq, axes, is_weight=False)
   qmin, qmax = qz.grid_range(tq.grid, tq.bits)
   qp = qz.QParams(_get(mdl, "input_scale"), _get(mdl, "input_zero_point"),
                   qmin, qmax)
@@ -824,7 +883,7 @@ def _int_forward(mdl: nn.Module, kind: str, ops: _Operands, x_q: Quantized,
       y.shape[0],) else y
 
 
-def _serve_layer(mdl: nn.Module, kind: str, inputs: jax.Array,
+def serve_layer(mdl: nn.Module, kind: str, inputs: jax.Array,
                  *args) -> jax.Array:
   """One integer layer's forward from the serving variables."""
   if _get(mdl, "kernel") is None:
@@ -846,7 +905,7 @@ def _serve_interceptor(next_fun, args, kwargs, context):
     return next_fun(*args, **kwargs)
   kind = served_kind(mdl)
   if kind is not None:
-    return _serve_layer(mdl, kind, *args, **kwargs)
+    return serve_layer(mdl, kind, *args, **kwargs)
   if layer_kind(mdl) is not None and _get(mdl, "kernel") is not None:
     raise ValueError(
         f"layer {_path(mdl)!r} is float in the model but the serving "
@@ -892,12 +951,12 @@ class ServedModel:
                                    compare=False)
 
   def _arguments(self, args, rngs, kwargs):
-    dyn, static = _split_arrays((args, {**self.call_kwargs, **kwargs}),
+    dyn, static = split_arrays((args, {**self.call_kwargs, **kwargs}),
                                 "ServedModel call arguments")
     return dyn, self.rngs if rngs is None else rngs, static
 
   def _fn(self, variables, dyn, rngs, static):
-    args, kwargs = _merge_arrays(dyn, static)
+    args, kwargs = merge_arrays(dyn, static)
     return serving_apply(self.model, variables, *args, rngs=rngs, **kwargs)
 
   def __call__(self, *args, rngs: Mapping[str, Any] | None = None,
@@ -948,7 +1007,7 @@ def read_metadata(directory: str) -> dict:
   return metadata
 
 
-def _read_arrays(directory: str) -> dict:
+def read_arrays(directory: str) -> dict:
   """The ``arrays/`` tree; `ServingFormatError` (naming the directory) where
   orbax cannot read it."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -987,26 +1046,26 @@ def check_shapes(tree: Mapping, metadata: Mapping, model: nn.Module,
   `example_input` as in `export` (an input or a tuple of positional
   arguments); `rngs` names the ``make_rng`` streams the model draws from.
   """
-  dyn, static = _split_arrays((_example_args(example_input),
+  dyn, static = split_arrays((example_args(example_input),
                                dict(call_kwargs)), "load example arguments")
 
   def init(rngs, dyn):
-    args, kwargs = _merge_arrays(dyn, static)
+    args, kwargs = merge_arrays(dyn, static)
     return model.init(rngs, *args, **kwargs)
 
   expected = nn.unbox(jax.eval_shape(init, _init_rngs(rngs), dyn))
   layers = metadata["layers"]
-  want = {f"params/{k}": v.shape for k, v in _flat(expected["params"]).items()}
+  want = {f"params/{k}": v.shape for k, v in flat_tree(expected["params"]).items()}
   want.update({f"batch_stats/{k}": v.shape
-               for k, v in _flat(expected.get("batch_stats", {})).items()})
+               for k, v in flat_tree(expected.get("batch_stats", {})).items()})
 
   def mismatch(name, found, wanted):
     return ValueError(f"parameter {name!r}: the serving checkpoint has shape "
                       f"{tuple(found)}, the model expects {tuple(wanted)}")
 
-  serving = _flat(tree[SERVE])
+  serving = flat_tree(tree[SERVE])
   for path, meta in layers.items():
-    name = "params/" + _join(path, "kernel")
+    name = "params/" + join_path(path, "kernel")
     if name not in want:
       raise ValueError(f"parameter {name!r} of the serving checkpoint is not "
                        "in the model")
@@ -1014,15 +1073,15 @@ def check_shapes(tree: Mapping, metadata: Mapping, model: nn.Module,
     lead = wanted[:len(wanted) - len(per)]  # stacked by a lifted transform
     if wanted[len(lead):] != per:
       raise mismatch(name, per, wanted)
-    stored = np.shape(serving.get(_join(path, "kernel")))
+    stored = np.shape(serving.get(join_path(path, "kernel")))
     if math.prod(stored) != math.prod(lead) * packed_size(
         meta["bits"], meta["int_shape"]):
-      raise mismatch(f"{SERVE}/" + _join(path, "kernel"), stored,
+      raise mismatch(f"{SERVE}/" + join_path(path, "kernel"), stored,
                      lead + (packed_size(meta["bits"], meta["int_shape"]),))
-  skip = {"params/" + _join(p, n) for p in layers for n in ("kernel",)
+  skip = {"params/" + join_path(p, n) for p in layers for n in ("kernel",)
           + QUANTIZER_PARAMS}
   have = {f"{c}/{k}": np.shape(v) for c in ("params", "batch_stats")
-          for k, v in _flat(tree.get(c, {})).items()}
+          for k, v in flat_tree(tree.get(c, {})).items()}
   for name, shape in have.items():
     if name not in want:
       raise ValueError(f"parameter {name!r} of the serving checkpoint is not "
@@ -1052,12 +1111,12 @@ def load(directory: str, model: nn.Module, example_input: Any, *,
   """
   directory = os.path.abspath(os.fspath(directory))
   metadata = read_metadata(directory)
-  tree = _read_arrays(directory)
+  tree = read_arrays(directory)
   kwargs = dict(call_kwargs or {})
   check_shapes(tree, metadata, model, example_input, kwargs, rngs)
   served = ServedModel(model, jax.device_put(tree), metadata, kwargs,
                        None if rngs is None else dict(rngs))
-  served.eval_shape(*_example_args(example_input))
+  served.eval_shape(*example_args(example_input))
   return served
 
 

@@ -29,7 +29,8 @@ cannot add variables (``nnx.scan``, ``nnx.vmap`` of batched values).
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -122,6 +123,27 @@ class QuantLayer:
       return self.quant.for_path(self.path)
     return self.quant
 
+  def __call__(self, *args, **kwargs):
+    if _HOOKS:
+      return _HOOKS[-1](self, *args, **kwargs)
+    return self.quantized_call(*args, **kwargs)
+
+
+# The innermost `intercept` hook runs in place of every quantized layer.
+_HOOKS: list[Callable[..., Any]] = []
+
+
+@contextlib.contextmanager
+def intercept(hook: Callable[..., Any]):
+  """Within the block, a quantized layer's call ``layer(*args)`` runs
+  ``hook(layer, *args)`` instead (serving uses it; the hook may call
+  ``layer.quantized_call(*args)``)."""
+  _HOOKS.append(hook)
+  try:
+    yield
+  finally:
+    _HOOKS.remove(hook)
+
 
 def _params(layer) -> tuple[jax.Array, jax.Array | None]:
   return (layer.kernel[...],
@@ -136,7 +158,9 @@ class QuantLinear(QuantLayer, nnx.Linear):
     super().__init__(in_features, out_features, **kwargs)
     self._init_quant(quant)
 
-  def __call__(self, inputs: jax.Array) -> jax.Array:
+  __call__ = QuantLayer.__call__  # whatever the bases' order
+
+  def quantized_call(self, inputs: jax.Array) -> jax.Array:
     kernel, bias = _params(self)
     inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias),
                                               dtype=self.dtype)
@@ -162,7 +186,9 @@ class QuantLinearGeneral(QuantLayer, nnx.LinearGeneral):
     super().__init__(in_features, out_features, **kwargs)
     self._init_quant(quant)
 
-  def __call__(self, inputs: jax.Array) -> jax.Array:
+  __call__ = QuantLayer.__call__  # whatever the bases' order
+
+  def quantized_call(self, inputs: jax.Array) -> jax.Array:
     ndim = inputs.ndim
     axis = _normalize_axes(self.axis, ndim)
     batch_axis = _normalize_axes(tuple(self.batch_axis.keys()), ndim)
@@ -196,7 +222,9 @@ class QuantConv(QuantLayer, nnx.Conv):
       raise ValueError("QuantConv.mask is not supported; allowed: None")
     self._init_quant(quant)
 
-  def __call__(self, inputs: jax.Array) -> jax.Array:
+  __call__ = QuantLayer.__call__  # whatever the bases' order
+
+  def quantized_call(self, inputs: jax.Array) -> jax.Array:
     x, batch_shape, kernel_shape, conv = int_ops.conv_geometry(
         inputs, self.out_features, self.kernel_size, self.strides,
         self.padding, self.input_dilation, self.kernel_dilation,
@@ -220,8 +248,10 @@ class QuantEinsum(QuantLayer, nnx.Einsum):
     super().__init__(einsum_str, kernel_shape, bias_shape, **kwargs)
     self._init_quant(quant)
 
-  def __call__(self, inputs: jax.Array, einsum_str: str | None = None
-               ) -> jax.Array:
+  __call__ = QuantLayer.__call__  # whatever the bases' order
+
+  def quantized_call(self, inputs: jax.Array, einsum_str: str | None = None
+                     ) -> jax.Array:
     spec = (einsum_str if einsum_str is not None else self.einsum_str
             ).replace(" ", "")
     kernel, bias = _params(self)

@@ -83,8 +83,12 @@ def _owns_variables(mdl: nnx.Module) -> bool:
 def _quantized_twin(mdl: nnx.Module, base: type, lq: LayerQuant
                     ) -> nnx.Module:
   """The quantized layer holding `mdl`'s own Variables and settings."""
-  twin = copy.copy(mdl)  # shares the Variables
-  twin.__class__ = QUANT_LAYERS[base]
+  cls = QUANT_LAYERS[base]
+  twin = cls.__new__(cls)
+  # The same attributes (so the same Variables); NNX's own bookkeeping
+  # copied, so that the twin's new attributes are its own.
+  vars(twin).update({k: copy.copy(v) if k.startswith("_pytree__") else v
+                     for k, v in vars(mdl).items()})
   twin._init_quant(lq)  # pylint: disable=protected-access
   return twin
 
