@@ -313,7 +313,8 @@ def _stored_input(tq: TensorQuant) -> bool:
 
 def _uniform_stand_in(tq: TensorQuant) -> TensorQuant:
   """The uniform TensorQuant whose integer checks a DQ side must pass."""
-  if tq.method != "dq":
+  m = REGISTRY.get(tq.method)
+  if m.int_execution or not m.integer:
     return tq
   return TensorQuant("uniform", tq.bits, grid=tq.grid,
                      granularity=tq.granularity,
@@ -323,10 +324,12 @@ def _uniform_stand_in(tq: TensorQuant) -> TensorQuant:
 
 def check_servable(cfg: LayerQuant, kind: str, path: str) -> None:
   """Refuses a layer config that integer serving cannot run."""
-  if cfg.weight.method == "dq" and kind in ("dense_general", "einsum"):
-    raise ValueError(f"layer {path!r}: DQ weights are served in QuantDense "
-                     f"and QuantConv layers; allowed weight methods in a "
-                     f"{kind} layer: 'uniform', 'lsq'")
+  if (REGISTRY.get(cfg.weight.method).weight_export == "lut"
+      and kind in ("dense_general", "einsum")):
+    raise ValueError(f"layer {path!r}: {cfg.weight.method!r} weights (a "
+                     "lookup table) are served in dense and conv layers; "
+                     f"allowed weight methods in a {kind} layer: "
+                     f"{', '.join(map(repr, REGISTRY.int_executable()))}")
   try:
     cfg.replace(weight=_uniform_stand_in(cfg.weight),
                 input=_uniform_stand_in(cfg.input), execution="int")
@@ -457,10 +460,11 @@ class ExportRecorder:
                               dtype=ops.x.dtype)
     x_q = _quant_operand(mdl, "input", ops.x, cfg.input, ops.x_axes,
                          is_weight=False)
-    lut = cfg.weight.method == "dq"
+    method = REGISTRY.get(cfg.weight.method)
+    lut = method.weight_export == "lut"
     if lut:  # b-bit indices (stored minus 2^(b-1), signed) + level table
       idx, table = lv.export_indices(
-          kernel, mdl.get_variable("params", REGISTRY.get("dq").params("kernel")[0]))
+          kernel, mdl.get_variable("params", method.params("kernel")[0]))
       ints = idx.astype(jnp.int8) - jnp.int8(2 ** (cfg.weight.bits - 1))
       _put(mdl, "kernel", ints)
       _put(mdl, "kernel_levels", table)
