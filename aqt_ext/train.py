@@ -11,6 +11,10 @@ from the latest checkpoint when rerun, and writes ``workdir/result.json``.
   resumed run is its step; the only RNG is the init key, saved with the state.
 * Quantizer state (``quant_stats``) and learned quantizer parameters train with
   the model; their auxiliary losses (``quant_losses``) add to the loss.
+* ``config.framework`` picks the Flax API of the model: ``linen`` (default)
+  or ``nnx``. An NNX model runs in the same loop, seen functionally
+  (`NnxModel`): its state is kept as pure dicts with the linen model's paths,
+  so the steps, optimizer, checkpoints and resume are the same code.
 * The config is checked before any work (`validate_config`) and saved as
   ``workdir/config.json`` when the run starts; a rerun in a workdir that
   holds a model must agree with it on `TRAINING_FIELDS` (`check_resume`).
@@ -37,15 +41,21 @@ import numpy as np
 import optax
 from absl import logging
 from flax import struct
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from aqt_ext import cost as cost_lib
 from aqt_ext import data as data_lib
 from aqt_ext import models
+from aqt_ext import nnx as aqt_nnx
 from aqt_ext.config import parse_spec
+from aqt_ext.core.methods import REGISTRY
 
-QUANT_PARAM_RE = re.compile(r"_(lsq_step|pact_alpha|dq_levels|dq_alpha)$")
-DECAY_PARAM_RE = re.compile(r"(^|/)kernel$|_pact_alpha$")
+# Learned quantizer parameters, and those of them under weight decay (with
+# every kernel), as the method registry names them.
+QUANT_PARAM_RE = REGISTRY.learned_param_re()
+DECAY_PARAM_RE = re.compile(r"(^|/)kernel$|" + REGISTRY.decayed_param_re(
+).pattern)
 OPTIMIZERS = ("sgd", "adamw")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -119,6 +129,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       refuse(field, f"a finite number {'>' if low_open else '>='} {low}"
              + (f" and < {high}" if high != math.inf else ""))
 
+  choice("framework", models.FRAMEWORKS)
   choice("optimizer", OPTIMIZERS)
   choice("dtype", tuple(DTYPES))
   choice("model", tuple(models.MODELS))
@@ -155,12 +166,143 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
            f"at batch_size {config.batch_size})")
 
 
+# The collections an NNX model's state is kept in, as pure nested dicts with
+# the linen variables' paths, by Variable type.
+NNX_COLLECTIONS: dict[str, type[nnx.Variable]] = {
+    "params": nnx.Param, "batch_stats": nnx.BatchStat,
+    "quant_stats": aqt_nnx.QuantStat}
+
+
+def nnx_variables(model: nnx.Module) -> dict:
+  """The state of an NNX model as linen variables: ``{collection: pure
+  dict}`` for each of `NNX_COLLECTIONS`; refuses other Variable types (the
+  loop would not keep them)."""
+  _, *states, rest = nnx.split(model, *NNX_COLLECTIONS.values(), ...)
+  if jax.tree.leaves(rest):
+    kinds = sorted({type(v).__name__ for v in jax.tree.leaves(
+        rest, is_leaf=lambda v: isinstance(v, nnx.Variable))})
+    raise TypeError(f"the NNX model holds Variables of types {kinds}, which "
+                    "training does not keep; allowed: "
+                    f"{', '.join(t.__name__ for t in NNX_COLLECTIONS.values())}")
+  return {c: nnx.to_pure_dict(s) for c, s in zip(NNX_COLLECTIONS, states)}
+
+
+class NnxModel:
+  """An NNX model as the loop sees a model: linen's ``init`` and ``apply``.
+
+  The loop is functional (`TrainState`, `train_step`, `eval_step`); an NNX
+  model runs in it as its graphdef and state: `apply` merges the graphdef
+  with the variables (`nnx.merge` of `NNX_COLLECTIONS`' pure dicts), puts
+  the model in training or evaluation mode (``model.train()`` /
+  ``model.eval()``: BatchNorm statistics and static quantizer ranges update
+  in training only), calls it, and splits the updated ``batch_stats`` /
+  ``quant_stats`` back, with the auxiliary losses the pass recorded
+  (`aqt_ext.nnx.QuantLoss`, popped) as ``quant_losses``. The variables have
+  the linen twin's paths and shapes, so the optimizer (its path-based
+  weight-decay and learning-rate masks), the checkpoints (orbax, of the NNX
+  state as pure dicts), resume and ``init_from`` are those of linen.
+
+  Args:
+    make: ``make(rngs, in_features)``, the (quantized) NNX model for
+      `in_features` input channels, parameters from `rngs`.
+    linen_twin: the linen model of the same architecture and quantization
+      (`model_cost` measures it: same layers, paths and `LayerQuant`s).
+  """
+
+  def __init__(self, make: Any, linen_twin: Any = None):
+    self.make = make
+    self.linen_twin = linen_twin
+    self._graphdefs: dict = {}
+
+  def build(self, rng, x, float_variables=None) -> nnx.Module:
+    """The NNX model with parameters from `rng` and its quantizer variables
+    created from `x` by `aqt_ext.nnx.init` in evaluation mode (as linen's
+    ``init(..., train=False)``), or with `float_variables`' params and
+    batch_stats loaded unchanged and its quantizer variables created as
+    `initial_variables` does for linen; returned in training mode."""
+    model = self.make(nnx.Rngs(params=rng), x.shape[-1])
+    if float_variables:
+      have = set(flax.traverse_util.flatten_dict(nnx.to_pure_dict(
+          nnx.state(model))))
+      extra = sorted("/".join(k) for c in float_variables.values()
+                     for k in flax.traverse_util.flatten_dict(c)
+                     if k not in have)
+      if extra:
+        raise ValueError(
+            f"the float variables hold {len(extra)} variables the float NNX "
+            f"model lacks (e.g. {', '.join(extra[:3])}); allowed: a float "
+            "model's params and batch_stats")
+      nnx.update(model, *float_variables.values())
+    model.eval()
+    if float_variables:
+      # As linen's ``apply(floats, x, train=False, mutable=[params,
+      # batch_stats, quant_stats])``: BatchNorm on its loaded averages, the
+      # quantizer parameters created from the loaded kernels and `x`, the
+      # static ranges calibrated on `x` once; auxiliary losses dropped.
+      for _, layer in aqt_nnx.quant_layers(model):
+        layer.use_running_average = False
+      aqt_nnx.set_paths(model)
+      model(x)
+      nnx.pop(model, aqt_nnx.QuantLoss)
+    else:
+      aqt_nnx.init(model, x)
+    model.train()
+    self._graphdefs.setdefault(self._key(x), nnx.graphdef(model))
+    return model
+
+  def init(self, rng, x, float_variables=None) -> dict:
+    """`nnx_variables` of `build` (jitted)."""
+    return jax.jit(lambda r, x, f: nnx_variables(self.build(r, x, f)))(
+        rng, x, float_variables)
+
+  @staticmethod
+  def _key(x) -> tuple:
+    return tuple(x.shape[1:]), jnp.dtype(x.dtype)
+
+  def graphdef(self, x) -> Any:
+    """The graphdef of `build` for inputs like `x` (abstract, cached)."""
+    key = self._key(x)
+    if key not in self._graphdefs:
+      like = jax.ShapeDtypeStruct((1, *key[0]), key[1])
+      nnx.eval_shape(lambda x: self.build(jax.random.key(0), x), like)
+    return self._graphdefs[key]
+
+  def module(self, variables: dict, x) -> nnx.Module:
+    """The stateful NNX model holding `variables`, for inputs like `x`."""
+    return nnx.merge(self.graphdef(x), *(variables.get(c, {})
+                                         for c in NNX_COLLECTIONS))
+
+  def apply(self, variables: dict, x, train: bool = False, mutable=False):
+    """Linen's ``apply``: the output, and with `mutable` (collection names)
+    also those collections after the pass."""
+    model = self.module(variables, x)
+    if train:
+      model.train()
+    else:
+      model.eval()
+    y = model(x)
+    if not mutable:
+      return y
+    losses = nnx.to_pure_dict(nnx.pop(model, aqt_nnx.QuantLoss))
+    new = {**nnx_variables(model), "quant_losses": losses}
+    return y, {c: new[c] for c in mutable if c in new}
+
+
 def create_model(config: ml_collections.ConfigDict, num_classes: int):
+  """The linen model of the config, or its `NnxModel` (config.framework)."""
   quant = parse_spec(config.quant, first=models.FIRST_LAYER,
                      last=models.LAST_LAYER)
-  return models.create_model(config.model, num_classes=num_classes,
-                             width=config.width, quant=quant,
-                             dtype=DTYPES[config.dtype])
+  kwargs = dict(num_classes=num_classes, width=config.width, quant=quant,
+                dtype=DTYPES[config.dtype])
+  linen = models.create_model(config.model, **kwargs)
+  if config.framework == "linen":
+    return linen
+  if config.framework != "nnx":
+    raise ValueError(f"config.framework={config.framework!r} is not allowed; "
+                     f"allowed values: {', '.join(map(repr, models.FRAMEWORKS))}")
+  return NnxModel(lambda rngs, in_features: models.create_model(
+      config.model, framework="nnx", rngs=rngs, in_features=in_features,
+      **kwargs), linen_twin=linen)
 
 
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
@@ -255,8 +397,12 @@ def initial_variables(model, batch, rng, float_variables=None) -> dict:
 
   With `float_variables` (a float model's params and batch_stats), those
   are loaded unchanged and only the quantizer parameters the float model
-  lacks are created, from the loaded kernels and the batch.
+  lacks are created, from the loaded kernels and the batch. An `NnxModel`
+  does the same (`NnxModel.build`); either framework loads the other's
+  float checkpoint (same paths).
   """
+  if isinstance(model, NnxModel):
+    return model.init(rng, batch, float_variables)
   if float_variables is None:
     return jax.jit(functools.partial(model.init, train=False))(
         {"params": rng}, batch)
@@ -290,11 +436,15 @@ def create_state(config, model, batch, steps_per_epoch, float_variables=None
 # (`check_resume`). The others (data_dir, evaluation, logging and checkpoint
 # cadence) say where data are read and how the run is evaluated, logged and
 # checkpointed, and may change between runs of one workdir.
-TRAINING_FIELDS = ("dataset", "num_train_examples", "augment", "model",
+TRAINING_FIELDS = ("dataset", "num_train_examples", "augment", "framework",
+                   "model",
                    "width", "quant", "dtype", "init_from", "seed",
                    "optimizer", "learning_rate", "momentum", "nesterov",
                    "weight_decay", "label_smoothing", "warmup_epochs",
                    "num_epochs", "batch_size", "quant_lr_multiplier")
+# Training fields added after workdirs were saved, with the value every
+# earlier run had: a saved config that lacks one is compared as that value.
+LEGACY_DEFAULTS = {"framework": "linen"}
 CONFIG_FILE = "config.json"  # in the workdir, next to checkpoints/
 RESULT_FILE = "result.json"
 
@@ -330,7 +480,7 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
   its config is the CONFIG_FILE that `save_config` wrote at the start of its
   first run (or, for a workdir without one, result.json's ``config``). A
   workdir with no model is not checked. Fields the saved config lacks are
-  not compared.
+  not compared, but those of `LEGACY_DEFAULTS`, which take their value there.
   """
   config_path = os.path.join(workdir, CONFIG_FILE)
   result_path = os.path.join(workdir, RESULT_FILE)
@@ -351,6 +501,7 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
         f"{RESULT_FILE} with a 'config'), so a rerun there cannot be checked. "
         "Use another --workdir, or delete the checkpoints and result to start "
         "afresh.")
+  saved = {**LEGACY_DEFAULTS, **saved}
   missing = object()
   diff = [f for f in TRAINING_FIELDS
           if saved.get(f, missing) is not missing
@@ -570,6 +721,9 @@ def _make_sharder(data_sharding):
 
 
 def model_cost(model, image_shape) -> dict:
+  """`cost.model_cost` of the model (of an `NnxModel`: its linen twin's)."""
+  if isinstance(model, NnxModel):
+    model = model.linen_twin
   return cost_lib.model_cost(model, tuple(image_shape), train=False).as_dict()
 
 
@@ -618,9 +772,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                           if isinstance(v, (int, float, str, bool))})
   report = periodic_actions.ReportProgress(num_train_steps=total_steps,
                                            writer=writer)
-  logging.info("training %s (%s) on %s: steps %d..%d, %d steps/epoch",
-               config.model, config.quant, config.dataset, start_step,
-               total_steps, steps_per_epoch)
+  logging.info("training %s %s (%s) on %s: steps %d..%d, %d steps/epoch",
+               config.framework, config.model, config.quant, config.dataset,
+               start_step, total_steps, steps_per_epoch)
   t_loop = time.time()
   train_metrics, pending = [], None  # the log window's steps
   step = start_step
@@ -712,7 +866,7 @@ def _check_finite(step: int, metrics) -> None:
           "checkpoint is kept (nothing was saved after the failure).")
 
 
-__all__ = ["TrainState", "train_and_evaluate", "create_model",
+__all__ = ["TrainState", "NnxModel", "train_and_evaluate", "create_model",
            "validate_config", "check_resume", "TRAINING_FIELDS",
            "CheckpointError", "ResumeConfigError", "NonFiniteLossError",
            "silence_aborted_restore_echoes"]

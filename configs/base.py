@@ -16,6 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_eval_examples = ml_collections.FieldReference(None, field_type=int)
   c.augment = True  # random crop (+ flip where the dataset allows)
   # Model and quantization.
+  c.framework = "linen"  # the Flax API of the model: "linen" or "nnx"
   c.model = "cifar_resnet20"
   c.width = 1.0  # filter multiplier
   # One string picks the whole model's quantization (config.parse_spec):

@@ -81,7 +81,8 @@ def make_nnx_step(spec: str, batch):
   from aqt_ext import nnx as qnnx  # pylint: disable=g-import-not-at-top
   quant = parse_spec(spec, first=models.FIRST_LAYER, last=models.LAST_LAYER)
   model = models.create_model("cifar_resnet20", num_classes=10, quant=quant,
-                              framework="nnx")
+                              framework="nnx", rngs=nnx.Rngs(0),
+                              in_features=batch["image"].shape[-1])
   qnnx.init(model, batch["image"])
   model.train()
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)

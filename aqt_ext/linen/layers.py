@@ -89,10 +89,13 @@ class LinenContext:
     self.in_loop = in_lifted_loop(mdl)
 
   def get(self, collection, name, init):
+    if self.mdl.has_variable(collection, name):
+      # Not mdl.param for an existing parameter: flax would trace `init`
+      # once more (a shape check) and `init` may read cached views of the
+      # operand, whose tracers must not leak from that trace.
+      return nn.unbox(self.mdl.get_variable(collection, name))
     if collection == PARAMS:
       return self.mdl.param(name, lambda _: init())
-    if self.mdl.has_variable(collection, name):
-      return self.mdl.get_variable(collection, name)
     return self.mdl.variable(collection, name, init).value
 
   def set(self, collection, name, value):

@@ -286,10 +286,13 @@ def set_paths(model: nnx.Module) -> None:
 def init(model: nnx.Module, *args, **kwargs) -> Any:
   """Creates the quantizer variables of `model` from one forward pass on
   ``model(*args, **kwargs)``, as linen's ``init`` does: static ranges are
-  created but not updated, no auxiliary loss is recorded. Returns the
-  output."""
+  created but not updated, no auxiliary loss is recorded, and every variable
+  that existed before (BatchNorm statistics, RNG counts) keeps its value.
+  Returns the output."""
   set_paths(model)
   layers = [layer for _, layer in quant_layers(model)]
+  existing = [(v, v.get_value()) for _, v in nnx.iter_graph(model)
+              if isinstance(v, nnx.Variable)]
   for layer in layers:
     layer.initializing = True
   try:
@@ -297,6 +300,8 @@ def init(model: nnx.Module, *args, **kwargs) -> Any:
   finally:
     for layer in layers:
       layer.initializing = False
+    for var, value in existing:  # BatchNorm statistics, RNG counts, ...
+      var.set_value(value)
 
 
 def pop_losses(model: nnx.Module) -> jax.Array:
