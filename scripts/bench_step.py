@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from aqt_ext import models
+from aqt_ext import models, train
 from aqt_ext.config import parse_spec
 
 VARIANTS = {
@@ -75,43 +75,20 @@ def loss_and_stats(logits, labels, losses):
   return loss + sum(jnp.sum(x) for x in jax.tree.leaves(losses))
 
 
-def make_nnx_step(spec: str, batch):
-  """The NNX twin of `make_step`: split once, merge inside the jitted step."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from aqt_ext import nnx as qnnx  # pylint: disable=g-import-not-at-top
+def make_step(spec: str, batch, hand_ste: bool = False, nnx: bool = False):
+  """The jitted train step of a variant; with `nnx`, of the NNX model as the
+  training loop runs it (`aqt_ext.train.NnxModel`: merged inside the step)."""
   quant = parse_spec(spec, first=models.FIRST_LAYER, last=models.LAST_LAYER)
-  model = models.create_model("cifar_resnet20", num_classes=10, quant=quant,
-                              framework="nnx", rngs=nnx.Rngs(0),
-                              in_features=batch["image"].shape[-1])
-  qnnx.init(model, batch["image"])
-  model.train()
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  tx = optax.sgd(0.01, momentum=0.9, nesterov=True)
-  state = (params, rest, tx.init(params))
-
-  @functools.partial(jax.jit, donate_argnums=0)
-  def step(state, batch):
-    params, rest, opt = state
-
-    def loss_fn(p):
-      m = nnx.merge(graphdef, p, rest)
-      logits = m(batch["image"])
-      losses = nnx.pop(m, qnnx.QuantLoss)
-      return loss_and_stats(logits, batch["label"], losses), nnx.state(
-          m, nnx.Not(nnx.Param))
-
-    (loss, new_rest), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    upd, opt = tx.update(g, opt, params)
-    return (optax.apply_updates(params, upd), new_rest, opt), loss
-
-  return step, state
-
-
-def make_step(spec: str, batch, hand_ste: bool = False):
-  quant = parse_spec(spec, first=models.FIRST_LAYER, last=models.LAST_LAYER)
-  model = models.create_model("cifar_resnet20", num_classes=10, quant=quant)
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      jax.random.PRNGKey(0), batch["image"])
+  if nnx:
+    model = train.NnxModel(lambda rngs, in_features: models.create_model(
+        "cifar_resnet20", num_classes=10, quant=quant, framework="nnx",
+        rngs=rngs, in_features=in_features))
+    variables = model.init(jax.random.PRNGKey(0), batch["image"])
+  else:
+    model = models.create_model("cifar_resnet20", num_classes=10,
+                                quant=quant)
+    variables = jax.jit(functools.partial(model.init, train=False))(
+        jax.random.PRNGKey(0), batch["image"])
   tx = optax.sgd(0.01, momentum=0.9, nesterov=True)
   state = (variables["params"], variables["batch_stats"],
            variables.get("quant_stats", {}), tx.init(variables["params"]))
@@ -159,11 +136,9 @@ def main():
            "label": jnp.asarray(rng.integers(0, 10, args.batch), jnp.int32)}
   steps, states, compile_s = {}, {}, {}
   for name in names:
-    if name.startswith("nnx_"):
-      step, state = make_nnx_step(VARIANTS[name], batch)
-    else:
-      step, state = make_step(VARIANTS[name], batch,
-                              hand_ste=name.startswith("hand_ste"))
+    step, state = make_step(VARIANTS[name], batch,
+                            hand_ste=name.startswith("hand_ste"),
+                            nnx=name.startswith("nnx_"))
     t = time.perf_counter()
     state, loss = step(state, batch)
     jax.block_until_ready(loss)

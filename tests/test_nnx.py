@@ -8,8 +8,8 @@
 * `aqt_ext.nnx.quantize_model`: first-match rules, the report, warnings,
   refusals, the same Variables kept, equality with a model built directly
   from the quantized layers.
-* The upstream flax MNIST CNN (vendored), quantized by rules and trained a
-  few steps on real digits.
+The upstream flax MNIST CNN (vendored) is quantized by rules, trained,
+exported and served in tests/test_nnx_serve.py.
 """
 
 import functools
@@ -19,7 +19,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 from flax.traverse_util import flatten_dict
@@ -27,11 +26,9 @@ from flax.traverse_util import flatten_dict
 import aqt_ext.linen as al
 import aqt_ext.nnx as anx
 from aqt_ext.nnx import layers as nnx_layers
-from aqt_ext.config import (LayerQuant, ModelQuant, TensorQuant, layer_preset,
-                            parse_spec)
+from aqt_ext.config import (LayerQuant, ModelQuant, TensorQuant, layer_preset)
 from aqt_ext.core import int_ops
 from aqt_ext.core.context import AQUANT, LOSSES, PARAMS, STATS
-from tests.third_party.flax_mnist_cnn import CNN
 
 TQ = TensorQuant
 FLOAT = LayerQuant()
@@ -745,61 +742,5 @@ def test_init_leaves_existing_variables_unchanged():
                    flat_tree(before), "existing variables")
 
 
-# ---------------------------------------------------------------------------
-# The upstream flax MNIST CNN, quantized by rules and trained on digits.
-# ---------------------------------------------------------------------------
-
-def _digits(n=64):
-  """sklearn's 8x8 digits, upscaled 3x and padded to 28x28, normalised."""
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-  d = load_digits()
-  imgs = np.stack([np.pad(np.kron(im, np.ones((3, 3))), 2)
-                   for im in d.images[:n]]) / 16.0
-  imgs = (imgs - imgs.mean()) / imgs.std()
-  return (jnp.asarray(imgs[..., None], jnp.float32),
-          jnp.asarray(d.target[:n], jnp.int32))
-
-
-def test_flax_mnist_cnn_quantized_by_rules_trains():
-  x, labels = _digits()
-  assert x.shape == (64, 28, 28, 1)
-  model = CNN(rngs=nnx.Rngs(0))
-  report = anx.quantize_model(
-      model, parse_spec("lsq:w4a4_fl8", first="^conv1$", last="^linear2$"))
-  assert {p: m.rule for p, m in report.layers.items()} == {
-      "conv1": 0, "conv2": None, "linear1": None, "linear2": 1}
-  assert type(model.conv2) is anx.QuantConv
-  assert model.linear1.layer_quant().weight.method == "lsq"
-  assert model.conv1.layer_quant().input.grid == "full"  # signed pixels
-  nnx.jit(anx.init)(model, x, nnx.Rngs(dropout=0))  # creates the steps
-  qparams = lambda: {  # noqa: E731
-      k: np.asarray(v) for k, v in flat_tree(nnx.to_pure_dict(
-          nnx.state(model, nnx.Param))).items() if k.endswith("_lsq_step")}
-  q0 = qparams()
-  assert set(q0) == {f"{l}/{o}_lsq_step" for l in ("conv2", "linear1")
-                     for o in ("kernel", "input")}
-
-  optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
-
-  @nnx.jit
-  def train_step(model, optimizer, x, labels, rngs):
-    def loss_fn(model, rngs):
-      logits = model(x, rngs)
-      return optax.softmax_cross_entropy_with_integer_labels(
-          logits, labels).mean()
-    loss, grads = nnx.value_and_grad(loss_fn)(model, rngs)
-    optimizer.update(model, grads)
-    return loss
-
-  rngs = nnx.Rngs(dropout=1)
-  losses = [float(train_step(model, optimizer, x, labels, rngs))
-            for _ in range(5)]
-  assert all(np.isfinite(losses)), losses
-  assert losses[-1] < losses[0], losses
-  q1 = qparams()
-  for k in q0:
-    assert not np.array_equal(q0[k], q1[k]), k
-    assert np.all(np.isfinite(q1[k])), k
-  model.eval()
-  logits = nnx.jit(lambda m, x: m(x, None))(model, x)
-  assert logits.shape == (64, 10) and bool(jnp.all(jnp.isfinite(logits)))
+# flax examples/mnist CNN: quantized by rules, trained, exported and served
+# in tests/test_nnx_serve.py.
