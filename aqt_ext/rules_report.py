@@ -14,6 +14,15 @@ from aqt_ext.config import LayerQuant, ModelQuant
 from aqt_ext.core.int_ops import CONV_PADDINGS
 
 
+def supported_base(mdl: Any, supported) -> tuple[type | None, bool]:
+  """(the type of `supported` that `mdl` is an instance of, or None;
+  whether `mdl`'s class overrides that type's ``__call__``)."""
+  for base in supported:
+    if isinstance(mdl, base):
+      return base, type(mdl).__call__ is not base.__call__
+  return None, False
+
+
 def refuse_unmirrored(path: str, layer: str,
                       settings: Mapping[str, tuple[Any, Any]],
                       padding: Any = None) -> None:

@@ -81,7 +81,7 @@ import jax
 
 from aqt_ext.config import LayerQuant, ModelQuant
 from aqt_ext.rules_report import (LayerMatch, Record, RulesReport, is_float,
-                                  refuse_unmirrored)
+                                  refuse_unmirrored, supported_base)
 from aqt_ext.core import contract
 from aqt_ext.linen.layers import (LinenContext, QuantConv, QuantDense,
                                   QuantEinsum)
@@ -144,10 +144,7 @@ class QuantDotGeneral:
 def layer_type(mdl: nn.Module) -> tuple[type | None, bool]:
   """(the supported type `mdl` is or None, whether it overrides
   ``__call__``)."""
-  for base in SUPPORTED:
-    if isinstance(mdl, base):
-      return base, type(mdl).__call__ is not base.__call__
-  return None, False
+  return supported_base(mdl, SUPPORTED)
 
 
 def _check_fields(mdl: nn.Module, base: type, path: str) -> None:

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from aqt_ext.models.resnet import (CIFAR_DEPTHS, IMAGENET_STAGES, channels,
+                                   check_head_fields,
                                    conv_kernel_init)
 
 # As the linen models' defaults.
@@ -40,12 +41,7 @@ BN_EPSILON = 1e-5
 
 
 def _check(cls: str, num_classes: Any, width: Any, in_features: Any) -> None:
-  if not isinstance(num_classes, int) or num_classes < 1:
-    raise ValueError(f"{cls}.num_classes={num_classes!r} is not allowed; "
-                     "allowed: an int >= 1")
-  if not isinstance(width, (int, float)) or not width > 0:
-    raise ValueError(f"{cls}.width={width!r} is not allowed; allowed: a "
-                     "number > 0")
+  check_head_fields(cls, num_classes, width)
   if not isinstance(in_features, int) or in_features < 1:
     raise ValueError(f"{cls}.in_features={in_features!r} is not allowed; "
                      "allowed: an int >= 1 (the image channels)")

@@ -70,7 +70,7 @@ def channels(base: int, width: float) -> int:
   return n
 
 
-def _check_head_fields(cls: str, num_classes: Any, width: Any):
+def check_head_fields(cls: str, num_classes: Any, width: Any):
   if not isinstance(num_classes, int) or num_classes < 1:
     raise ValueError(f"{cls}.num_classes={num_classes!r} is not allowed; "
                      "allowed: an int >= 1")
@@ -198,7 +198,7 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    _check_head_fields("ResNet", self.num_classes, self.width)
+    check_head_fields("ResNet", self.num_classes, self.width)
     if self.block not in BLOCKS:
       raise ValueError(f"ResNet.block={self.block!r} is not allowed; allowed "
                        f"values: {', '.join(map(repr, BLOCKS))}")
@@ -232,7 +232,7 @@ class CifarResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    _check_head_fields("CifarResNet", self.num_classes, self.width)
+    check_head_fields("CifarResNet", self.num_classes, self.width)
     if (not isinstance(self.depth, int) or self.depth < 8
         or (self.depth - 2) % 6):
       raise ValueError(f"CifarResNet.depth={self.depth!r} is not allowed; "

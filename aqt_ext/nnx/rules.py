@@ -33,7 +33,7 @@ from flax import nnx
 from aqt_ext.config import LayerQuant, ModelQuant
 from aqt_ext.nnx.layers import QUANT_LAYERS, QuantLayer, set_paths
 from aqt_ext.rules_report import (LayerMatch, Record, RulesReport, is_float,
-                                  refuse_unmirrored)
+                                  refuse_unmirrored, supported_base)
 
 Rules = ModelQuant | Sequence[tuple[str, LayerQuant]]
 
@@ -57,15 +57,6 @@ def as_model_quant(rules: Rules) -> ModelQuant:
     raise TypeError("quantize_model rules must be a ModelQuant or a sequence "
                     f"of (regex, LayerQuant), got {type(rules).__name__}")
   return ModelQuant(rules=tuple(rules))
-
-
-def _supported_base(mdl: nnx.Module) -> tuple[type | None, bool]:
-  """(the supported float type `mdl` is or None, whether it overrides
-  ``__call__``)."""
-  for base in QUANT_LAYERS:
-    if isinstance(mdl, base):
-      return base, type(mdl).__call__ is not base.__call__
-  return None, False
 
 
 def _check_mirrored(mdl: nnx.Module, base: type, path: str) -> None:
@@ -136,7 +127,7 @@ def quantize_model(model: nnx.Module, rules: Rules) -> RulesReport:
                                        if rule is None else quant.rules[rule][0],
                                        mdl.layer_quant())
       continue
-    base, custom = _supported_base(mdl)
+    base, custom = supported_base(mdl, QUANT_LAYERS)
     if base is None or custom:
       if custom and asked:
         raise TypeError(
