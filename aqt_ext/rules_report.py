@@ -8,10 +8,27 @@ import dataclasses
 import re
 import warnings
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from aqt_ext.config import LayerQuant, ModelQuant
 from aqt_ext.core.int_ops import CONV_PADDINGS
+
+
+Rules = ModelQuant | Sequence[tuple[str, LayerQuant]]
+
+
+def as_model_quant(rules: Rules) -> ModelQuant:
+  """A `ModelQuant` from rules; a sequence gets a float default.
+
+  Regexes are compiled here, so an invalid one is refused at once.
+  """
+  if isinstance(rules, ModelQuant):
+    return rules
+  if isinstance(rules, (str, bytes, LayerQuant)) or not isinstance(
+      rules, Sequence):
+    raise TypeError("quantize_model rules must be a ModelQuant or a sequence "
+                    f"of (regex, LayerQuant), got {type(rules).__name__}")
+  return ModelQuant(rules=tuple(rules))
 
 
 def supported_base(mdl: Any, supported) -> tuple[type | None, bool]:

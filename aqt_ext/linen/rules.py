@@ -80,13 +80,12 @@ import flax.linen as nn
 import jax
 
 from aqt_ext.config import LayerQuant, ModelQuant
-from aqt_ext.rules_report import (LayerMatch, Record, RulesReport, is_float,
+from aqt_ext.rules_report import (LayerMatch, Rules, as_model_quant, Record, RulesReport, is_float,
                                   refuse_unmirrored, supported_base)
 from aqt_ext.core import contract
 from aqt_ext.linen.layers import (LinenContext, QuantConv, QuantDense,
                                   QuantEinsum)
 
-Rules = ModelQuant | Sequence[tuple[str, LayerQuant]]
 
 # Supported layer types and the fields whose non-default values the quantized
 # computation cannot mirror.
@@ -98,20 +97,6 @@ SUPPORTED: dict[type, tuple[str, ...]] = {
     nn.Einsum: ("promote_dtype", "preferred_element_type"),
 }
 SUPPORTED_NAMES = tuple("nn." + b.__name__ for b in SUPPORTED)
-
-
-def as_model_quant(rules: Rules) -> ModelQuant:
-  """A `ModelQuant` from rules; a sequence gets a float default.
-
-  Regexes are compiled here, so an invalid one is refused at once.
-  """
-  if isinstance(rules, ModelQuant):
-    return rules
-  if isinstance(rules, (str, bytes, LayerQuant)) or not isinstance(
-      rules, Sequence):
-    raise TypeError("quantize_model rules must be a ModelQuant or a sequence "
-                    f"of (regex, LayerQuant), got {type(rules).__name__}")
-  return ModelQuant(rules=tuple(rules))
 
 
 # ---------------------------------------------------------------------------

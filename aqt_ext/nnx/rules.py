@@ -32,10 +32,9 @@ from flax import nnx
 
 from aqt_ext.config import LayerQuant, ModelQuant
 from aqt_ext.nnx.layers import QUANT_LAYERS, QuantLayer, set_paths
-from aqt_ext.rules_report import (LayerMatch, Record, RulesReport, is_float,
+from aqt_ext.rules_report import (LayerMatch, Rules, as_model_quant, Record, RulesReport, is_float,
                                   refuse_unmirrored, supported_base)
 
-Rules = ModelQuant | Sequence[tuple[str, LayerQuant]]
 
 # Settings whose non-default values the quantized layer cannot mirror.
 UNMIRRORED: dict[type, tuple[str, ...]] = {
@@ -46,17 +45,6 @@ UNMIRRORED: dict[type, tuple[str, ...]] = {
     nnx.Einsum: ("einsum_op", "promote_dtype", "preferred_element_type"),
 }
 SUPPORTED_NAMES = tuple("nnx." + b.__name__ for b in QUANT_LAYERS)
-
-
-def as_model_quant(rules: Rules) -> ModelQuant:
-  """A `ModelQuant` from rules; a sequence gets a float default."""
-  if isinstance(rules, ModelQuant):
-    return rules
-  if isinstance(rules, (str, bytes, LayerQuant)) or not isinstance(
-      rules, Sequence):
-    raise TypeError("quantize_model rules must be a ModelQuant or a sequence "
-                    f"of (regex, LayerQuant), got {type(rules).__name__}")
-  return ModelQuant(rules=tuple(rules))
 
 
 def _check_mirrored(mdl: nnx.Module, base: type, path: str) -> None:
