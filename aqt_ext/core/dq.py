@@ -34,7 +34,7 @@ from aqt_ext.core import quantizers as qz
 from aqt_ext.core.context import (LOSSES, PARAMS, QuantContext,
                                   QuantInitWarning, ema, layer_name, updating)
 from aqt_ext.core.int_ops import Quantized
-from aqt_ext.core.operand import Operand
+from aqt_ext.core.operand import Operand, materialize
 from aqt_ext.core.registry import Method
 
 LEVELS, ALPHA = "dq_levels", "dq_alpha"
@@ -110,7 +110,7 @@ def quant_input(ctx: QuantContext, op: Operand) -> jnp.ndarray:
   """DQ fake-quantized layer input; sows the auxiliary E (dynamic)."""
   tq, x = op.tq, op.x
   alpha = input_alpha(ctx, op)
-  y = cs.clip_quant(x, alpha, tq.bits, tq.grid, tq.rounding)
+  y = materialize(cs.clip_quant(x, alpha, tq.bits, tq.grid, tq.rounding))
   if (tq.calibration != "static" and tq.dq_err_weight > 0
       and updating(ctx, LOSSES)):
     err = cs.with_slope(*cs.error_terms(

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax import lax
 
 from aqt_ext.core import quantizers as qz
 from aqt_ext.core.context import (PARAMS, STATS, QuantContext,
@@ -85,8 +86,23 @@ def finish(op: Operand, qp: qz.QParams, fake: Callable[[jax.Array], jax.Array],
   ``fake(view)`` reshaped back to the operand's shape."""
   if op.want_int:
     return Quantized(None, qz.to_int(op.view, qp, rounding), qp, op.grouped)
-  y = fake(op.view)
+  y = materialize(fake(op.view))
   return Quantized(y.reshape(op.x.shape) if op.grouped else y)
+
+
+def materialize(y: jax.Array) -> jax.Array:
+  """`y`, computed once: an optimization barrier between a fake-quantized
+  operand and its consumers.
+
+  Its value and gradient are those of `y`. Without it XLA:CPU duplicates
+  the cheap elementwise fake quant (and with it the elementwise chain that
+  produced the operand: BatchNorm, ReLU, the residual adds of every earlier
+  block) into each consumer, above all the layout transpose feeding the
+  kernel gradient, which then reads a dozen arrays with strided access
+  instead of one; measured on ResNet-20 that costs more than the quantizer
+  itself.
+  """
+  return lax.optimization_barrier(y)
 
 
 def check_sign(ctx: QuantContext, op: Operand, what: str,
