@@ -167,10 +167,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 # The collections an NNX model's state is kept in, as pure nested dicts with
-# the linen variables' paths, by Variable type.
+# the linen variables' paths, by Variable type (``aquant``: the AQuant borders
+# of a PTQ network, `aqt_ext.ptq`; training keeps the first three).
 NNX_COLLECTIONS: dict[str, type[nnx.Variable]] = {
     "params": nnx.Param, "batch_stats": nnx.BatchStat,
-    "quant_stats": aqt_nnx.QuantStat}
+    "quant_stats": aqt_nnx.QuantStat, "aquant": aqt_nnx.AQuantBorder}
 
 
 def nnx_variables(model: nnx.Module) -> dict:
@@ -274,12 +275,17 @@ class NnxModel:
 
   def apply(self, variables: dict, x, train: bool = False, mutable=False):
     """Linen's ``apply``: the output, and with `mutable` (collection names)
-    also those collections after the pass."""
+    also those collections after the pass. As in linen, evaluation with
+    ``quant_stats`` mutable updates the static ranges (PTQ calibration:
+    BatchNorm on its averages, the quantizers' EMA running)."""
     model = self.module(variables, x)
     if train:
       model.train()
     else:
       model.eval()
+      if mutable and "quant_stats" in mutable:
+        for _, layer in aqt_nnx.quant_layers(model):
+          layer.use_running_average = False
     y = model(x)
     if not mutable:
       return y
@@ -288,10 +294,13 @@ class NnxModel:
     return y, {c: new[c] for c in mutable if c in new}
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int):
-  """The linen model of the config, or its `NnxModel` (config.framework)."""
-  quant = parse_spec(config.quant, first=models.FIRST_LAYER,
-                     last=models.LAST_LAYER)
+def create_model(config: ml_collections.ConfigDict, num_classes: int,
+                 quant: Any = None):
+  """The linen model of the config, or its `NnxModel` (config.framework);
+  quantized by `quant` (a ModelQuant), else by ``config.quant``."""
+  if quant is None:
+    quant = parse_spec(config.quant, first=models.FIRST_LAYER,
+                       last=models.LAST_LAYER)
   kwargs = dict(num_classes=num_classes, width=config.width, quant=quant,
                 dtype=DTYPES[config.dtype])
   linen = models.create_model(config.model, **kwargs)

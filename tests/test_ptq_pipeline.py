@@ -332,3 +332,89 @@ def test_rex_order_2_doubles_bops(float_run, fashion_mnist_dir, tmp_path):
   assert two["stored_weight_bits"] == 2 * one["stored_weight_bits"]
   assert two["weight_mse"] < one["weight_mse"] / 20
   assert two["ptq"]["order"] == 2 and two["method"] == "rex"
+
+
+# ---------------------------------------------------------------------------
+# NNX: the same pipeline on the NNX twin of the model.
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,options", [
+    ("rtn", dict(calibration="max")),
+    ("aquant", dict(learn_border=False)),
+], ids=["rtn_max", "aquant_ema"])
+def test_nnx_ptq_equals_linen(method, options, fashion_mnist_dir, tmp_path,
+                              monkeypatch):
+  """``config.framework='nnx'`` runs the PTQ network as the NNX model
+  (`train.NnxModel`: calibration, borders, eval) on the same float
+  checkpoint (an NNX run's holds the linen tree): the calibrated ranges
+  equal linen's bit for bit, the result up to float rounding. (Learned
+  borders: `test_nnx_border_capture_equals_linen`.)"""
+  model = models.create_model("cifar_resnet8", num_classes=10, width=0.25)
+  save_checkpoint(tmp_path / "float", random_variables(model))
+  seen = {"calibrate": [], "nnx_apply": 0}
+  calibrate, nnx_apply = pipeline.calibrate, train.NnxModel.apply
+
+  def spy_calibrate(*a, **k):
+    seen["calibrate"].append(calibrate(*a, **k))
+    return seen["calibrate"][-1]
+
+  def spy_apply(self, *a, **k):
+    seen["nnx_apply"] += 1
+    return nnx_apply(self, *a, **k)
+  monkeypatch.setattr(pipeline, "calibrate", spy_calibrate)
+  monkeypatch.setattr(train.NnxModel, "apply", spy_apply)
+  results = {}
+  for framework in ("linen", "nnx"):
+    c = ptq_config(fashion_mnist_dir, "w4a4", method=method, **options)
+    c.width, c.framework = 0.25, framework
+    c.num_calibration_batches, c.num_eval_examples = 2, 250
+    results[framework] = pipeline.run_ptq(c, str(tmp_path / "float"),
+                                          str(tmp_path / framework))
+  assert seen["nnx_apply"] > 0  # the NNX run ran the NNX model
+  linen, nnx_ = results["linen"], results["nnx"]
+  assert nnx_["config"]["framework"] == "nnx"
+  for key in ("weight_mse", "bops", "macs", "stored_weight_bits"):
+    assert nnx_[key] == linen[key], key
+  (stats_l,), (stats_n,) = seen["calibrate"]
+  assert len(jax.tree.leaves(stats_l["quant_stats"])) >= 20
+  jax.tree.map(np.testing.assert_array_equal, stats_n["quant_stats"],
+               stats_l["quant_stats"])
+  assert nnx_["eval_loss"] == pytest.approx(linen["eval_loss"], rel=1e-5)
+  assert abs(nnx_["eval_accuracy"] - linen["eval_accuracy"]) <= 1 / 250
+
+
+def test_nnx_border_capture_equals_linen():
+  """What AQuant's border learning sees of each layer, NNX and linen: the
+  same captured inputs and the same float op values, bit for bit. (From
+  there `aquant.learn_border` is one function of them; its Adam steps
+  amplify the last-bit differences of the two programs' gradients where a
+  border's gradient is near zero, so the learned borders are not compared.)"""
+  spec = pipeline.spec_model_quant("w4a4")
+  mq = pipeline.ptq_model_quant(spec, 0.9, border=True)
+  linen, nnx_model = (train.create_model(
+      float_config("unused", width=0.25, framework=f), 10, quant=mq)
+                       for f in ("linen", "nnx"))
+  assert isinstance(nnx_model, train.NnxModel)
+  assert not isinstance(linen, train.NnxModel)
+  variables = bn_fold.fold_batch_norm(random_variables(
+      models.create_model("cifar_resnet8", num_classes=10, width=0.25)), 1e-5)
+  shapes, _ = pipeline.init_shapes(linen, (28, 28, 1))
+  zeros = lambda c: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),  # noqa: E731
+                                 shapes[c])
+  x = np.random.default_rng(0).standard_normal((8, 28, 28, 1), np.float32)
+  (calibrated,) = pipeline.calibrate(
+      linen, [{**variables, pipeline.AQUANT: zeros(pipeline.AQUANT)}],
+      zeros(pipeline.STATS), [x], "max")
+  borders = pipeline.initial_borders(spec, calibrated["quant_stats"],
+                                     variables, {})
+  calibrated = pipeline.with_borders(calibrated, borders)
+  (in_l, op_l), (in_n, op_n) = (pipeline.capture_layer_inputs(m, calibrated, x)
+                                for m in (linen, nnx_model))
+  assert sorted(in_n) == sorted(in_l) == sorted(borders)
+  kernels = pipeline._kernels(variables["params"])
+  for path, x_l in in_l.items():
+    np.testing.assert_array_equal(in_n[path], x_l, err_msg=path)
+    y = op_l[path](x_l, kernels[path])
+    assert float(jnp.max(jnp.abs(y))) > 0
+    np.testing.assert_array_equal(op_n[path](x_l, kernels[path]), y,
+                                  err_msg=path)

@@ -6,6 +6,8 @@ float and quantized; the same `train_step` from the same variables (uniform,
 LSQ, DQ with its auxiliary loss, static ranges) to the last bit; the same
 `init_from` semantics; and an NNX run end to end: it learns, checkpoints,
 resumes as if uninterrupted, and refuses a resume with the framework changed.
+(That the NNX model learns follows from its steps being linen's, bit for
+bit, and linen's learning on real data: test_train.py.)
 """
 
 import functools
@@ -148,18 +150,17 @@ def test_nnx_model_has_the_linen_variables(name, width, hw, c, spec):
   assert count(got["params"]) == count(want["params"]) > 0
 
 
-@pytest.mark.parametrize("spec", ["float", MIXED], ids=["float", "mixed"])
-def test_nnx_logits_equal_linen_on_linen_variables(spec):
+def test_nnx_logits_equal_linen_on_linen_variables():
   """The stateful NNX model (`models.create_model(framework='nnx')`,
   quantizer variables from `aqt_ext.nnx.init`) with the linen variables
-  copied in computes linen's logits in evaluation mode."""
-  name, hw, c, width = "cifar_resnet8", 16, 1, 0.25
+  copied in computes linen's logits in evaluation mode. (Quantized: every
+  layer and method in evaluation mode in test_nnx.py; the whole quantized
+  model in `test_nnx_train_steps_equal_linen`, and in evaluation mode in
+  test_ptq_pipeline.py's `test_nnx_ptq_equals_linen`.)"""
+  name, hw, c, width, spec = "cifar_resnet8", 16, 1, 0.25, "float"
   linen, _ = twins(name, spec, width)
   x = images(4, hw, c)
   variables = random_floats(name, x, width)
-  if spec != "float":  # the quantizer variables, linen's
-    variables = flax.core.unfreeze(
-        train.initial_variables(linen, x, jax.random.key(0), variables))
   want = jax.jit(functools.partial(linen.apply, train=False))(variables, x)
 
   @jax.jit
@@ -224,29 +225,6 @@ def test_nnx_train_steps_equal_linen(tmp_path):
   assert {int(v) for k, v in stats.items() if k[-1] == "input_count"} == {3}
   assert not np.array_equal(lsteps[-1][0].params["head"]["kernel"],
                             l0.params["head"]["kernel"])
-
-
-def test_nnx_training_on_real_images_lowers_the_loss(fashion_mnist_dir):
-  """Twenty steps of the config's NNX model (LSQ 4-bit) on one batch of
-  real images, with the real optimizer and schedule, lower the loss
-  (2.41 to 2.04 when written)."""
-  from aqt_ext import data  # pylint: disable=g-import-not-at-top
-  config = tiny_config(fashion_mnist_dir, learning_rate=0.1,
-                       warmup_epochs=0.0, num_epochs=5.0)
-  model = train.create_model(config, 10)
-  assert isinstance(model, train.NnxModel)
-  batch = data.make_train_stream("fashion_mnist", 32, 0, fashion_mnist_dir,
-                                 augment=False, num_examples=128).batch(0)
-  state, schedule = train.create_state(config, model, batch["image"], 4)
-  step = jax.jit(functools.partial(train.train_step, num_classes=10,
-                                   label_smoothing=0.0, schedule=schedule))
-  losses = []
-  for _ in range(20):
-    state, metrics = step(state, batch)
-    losses.append(float(metrics["loss"]))
-  assert np.all(np.isfinite(losses))
-  assert losses[-1] < 0.9 * losses[0], losses
-  assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1, losses
 
 
 # ---------------------------------------------------------------------------

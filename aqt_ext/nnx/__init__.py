@@ -2,11 +2,11 @@
 
 from aqt_ext.nnx.layers import (AQuantBorder, NnxContext, QuantConv,
                                 QuantEinsum, QuantLinear, QuantLinearGeneral,
-                                QuantLoss, QuantStat, init, pop_losses,
-                                quant_layers, set_paths)
+                                QuantLoss, QuantStat, init, intercept,
+                                pop_losses, quant_layers, set_paths)
 from aqt_ext.nnx.rules import quantize_model
 
 __all__ = ["AQuantBorder", "NnxContext", "QuantConv", "QuantEinsum",
            "QuantLinear", "QuantLinearGeneral", "QuantLoss", "QuantStat",
-           "init", "pop_losses", "quant_layers", "quantize_model",
+           "init", "intercept", "pop_losses", "quant_layers", "quantize_model",
            "set_paths"]

@@ -78,6 +78,13 @@ quantized weights) and ``stored_weight_bits`` (weight memory with the
 method's storage: PWLQ one region bit more per weight, REx the BOPs factor
 times the b-bit memory; ``weight_bits`` counts b bits per weight).
 
+``config.framework='nnx'`` runs the same steps on the NNX model of the
+config (`train.NnxModel`): calibration with its quantizers' EMA running in
+evaluation mode, the borders captured through `aqt_ext.nnx.intercept`,
+eval. Its checkpoint is that of an NNX run, or a linen run's: both hold the
+same variable tree. Shapes, module order and cost are read from the linen
+twin (same paths, shapes and quantization).
+
 `ptq_runner(method, **options)` gives a runner ``(config, workdir) ->
 result`` that reads the float checkpoint from ``config.init_from``. (The
 sweep, `aqt_ext.sweep`, sets ``config.ptq`` from its `PTQ_METHODS` table
@@ -100,10 +107,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from flax import nnx
 
 from aqt_ext import cost as cost_lib
 from aqt_ext import data as data_lib
 from aqt_ext import models
+from aqt_ext import nnx as aqt_nnx
 from aqt_ext.core import quantizers as qz
 from aqt_ext import train
 from aqt_ext.config import LayerQuant, ModelQuant, parse_spec
@@ -118,6 +127,7 @@ EXECUTIONS = ("sum", "ensemble")
 CALIBRATIONS = ("ema", "max")
 
 Path = str  # '/'-joined module path, e.g. 'stage1_block0/conv2'
+Model = Any  # a linen Module, or a `train.NnxModel` (config.framework='nnx')
 Terms = list  # a layer's dequantized kernel terms (numpy): one, or K for REx
 Runner = Callable[[ml_collections.ConfigDict, str], dict]
 
@@ -290,16 +300,24 @@ def ptq_model_quant(spec: ModelQuant, ema_decay: float,
 
 
 def _create_model(config: ml_collections.ConfigDict, num_classes: int,
-                  quant: ModelQuant) -> nn.Module:
-  return models.create_model(config.model, num_classes=num_classes,
-                             width=config.width, quant=quant,
-                             dtype=train.DTYPES[config.dtype])
+                  quant: ModelQuant) -> Model:
+  """The PTQ network of the config's model: linen, or with
+  ``config.framework='nnx'`` the NNX model as `train.NnxModel` runs it."""
+  return train.create_model(config, num_classes, quant=quant)
 
 
-def init_shapes(model: nn.Module, image_shape: Sequence[int]
+def _linen(model: Model) -> nn.Module:
+  """`model`, or the linen twin of an NNX model (same layers, paths,
+  variable shapes and quantization: what shapes and costs are read from)."""
+  return model.linen_twin if isinstance(model, train.NnxModel) else model
+
+
+def init_shapes(model: Model, image_shape: Sequence[int]
                 ) -> tuple[dict, list[Path]]:
   """(variable shapes of ``model.init``, module paths in call order), by
-  tracing alone (no compute)."""
+  tracing alone (no compute); of an NNX model, its linen twin's (the NNX
+  variables have the twin's paths and shapes)."""
+  model = _linen(model)
   order: list[Path] = []
 
   def record(next_fun, args, kwargs, context):
@@ -540,11 +558,17 @@ def with_borders(variables: Mapping, borders: Mapping[Path, dict]) -> dict:
        for p, b in borders.items()})}
 
 
-def capture_layer_inputs(model: nn.Module, variables: Mapping,
+FloatOp = Callable[[jax.Array, jax.Array], jax.Array]  # (input, kernel) -> y
+
+
+def capture_layer_inputs(model: Model, variables: Mapping,
                          images: np.ndarray
-                         ) -> tuple[dict[Path, jax.Array], dict[Path, Any]]:
-  """(raw input, bias-free float copy) of every layer that rounds its input
-  with a border, in one pass of the network with the current borders."""
+                         ) -> tuple[dict[Path, jax.Array], dict[Path, FloatOp]]:
+  """(raw input, the layer's bias-free float op of input and kernel) of every
+  layer that rounds its input with a border, in one pass of the network
+  with the current borders."""
+  if isinstance(model, train.NnxModel):
+    return _capture_nnx_layer_inputs(model, variables, images)
   layers = {}
 
   def record(next_fun, args, kwargs, context):
@@ -563,7 +587,54 @@ def capture_layer_inputs(model: nn.Module, variables: Mapping,
     return {p: inp for p, (_, inp) in layers.items()}
 
   inputs = jax.jit(run)(variables, images)
-  return inputs, {p: layer for p, (layer, _) in layers.items()}
+  return inputs, {p: _linen_float_op(layer) for p, (layer, _) in
+                  layers.items()}
+
+
+def _linen_float_op(layer: nn.Module) -> FloatOp:
+  return lambda x, k: layer.apply({"params": {"kernel": k}}, x)
+
+
+def _has_border(layer: Any) -> bool:
+  return isinstance(getattr(layer, "input_border_alpha", None),
+                    aqt_nnx.AQuantBorder)
+
+
+def _capture_nnx_layer_inputs(model: train.NnxModel, variables: Mapping,
+                              images: np.ndarray
+                              ) -> tuple[dict[Path, jax.Array],
+                                         dict[Path, FloatOp]]:
+  """`capture_layer_inputs` of an NNX model: the inputs through
+  `aqt_ext.nnx.intercept`; the float op from a copy of the layer without
+  quantization and bias, its kernel replaced."""
+  def run(v, x):
+    inputs = {}
+
+    def record(layer, *args, **kwargs):
+      if _has_border(layer):
+        inputs[layer.path] = args[0]
+      return layer.quantized_call(*args, **kwargs)
+
+    with aqt_nnx.intercept(record):
+      model.apply(v, x, train=False)
+    return inputs
+
+  inputs = jax.jit(run)(variables, images)
+  ops = {}
+  for path, layer in aqt_nnx.quant_layers(model.module(variables, images)):
+    if path in inputs:
+      plain = nnx.clone(layer)
+      plain.quant, plain.bias = LayerQuant(), None
+      ops[path] = _nnx_float_op(*nnx.split(plain))
+  return inputs, ops
+
+
+def _nnx_float_op(graphdef: Any, state: Any) -> FloatOp:
+  def op(x, k):
+    layer = nnx.merge(graphdef, state)
+    layer.kernel[...] = k
+    return layer.quantized_call(x)
+  return op
 
 
 def learn_borders(model: nn.Module, variables: Mapping, images: np.ndarray,
@@ -577,11 +648,8 @@ def learn_borders(model: nn.Module, variables: Mapping, images: np.ndarray,
   for path, b in borders.items():
     w = kernels[path]
     w_hat = sum(terms[path]) if path in terms else w
-    layer = layers[path]
     alpha, beta = aquant.learn_border(
-        inputs[path], w, w_hat, b["scale"],
-        lambda x, k, layer=layer: layer.apply({"params": {"kernel": k}}, x),
-        ptq.border_steps, ptq.border_lr, qmin=float(b["qmin"]),
+        inputs[path], w, w_hat, b["scale"], layers[path], ptq.border_steps, ptq.border_lr, qmin=float(b["qmin"]),
         qmax=float(b["qmax"]))
     out[path] = {**b, "alpha": alpha, "beta": beta}
     logging.info("aquant border of %s learned", path)
@@ -628,7 +696,7 @@ def ptq_cost(config: ml_collections.ConfigDict, num_classes: int,
   factor = (rex.rex_bops_factor(ptq.order, ptq.sparsity)
             if ptq.method == "rex" else 1.0)
   multipliers = {f"^{re.escape(p)}$": factor for p in terms}
-  cost = cost_lib.model_cost(_create_model(config, num_classes, spec),
+  cost = cost_lib.model_cost(_linen(_create_model(config, num_classes, spec)),
                              tuple(image_shape), multipliers=multipliers,
                              train=False)
   region_bit = ptq.method == "pwlq"
@@ -674,7 +742,7 @@ def run_ptq(config: ml_collections.ConfigDict, checkpoint_dir: str | None,
   data_lib.ensure_prepared(config.dataset, config.data_dir)
 
   t_ptq = time.time()
-  folded = bn_fold.fold_batch_norm(float_vars, model.bn_epsilon)
+  folded = bn_fold.fold_batch_norm(float_vars, _linen(model).bn_epsilon)
   terms = quantize_params(folded["params"], spec, ptq)
   members = member_variables(folded, terms, ptq.execution == "ensemble")
   images = calibration_images(config)
