@@ -280,6 +280,42 @@ def test_channel_weighted_clip_60_plus_4():
   assert clip_search.channel_error(x, a_ch, bits, grid) == pytest.approx(min(errs))
 
 
+def _normalised_mean_clip(x, bits, grid):
+  """The first design's clip: mean of errors over each channel's own energy
+  (no floor), by the same grid search."""
+  cands = clip_search.clip_candidates(x, grid, clip_search.NUM_CLIP_CANDIDATES)
+  return cands[int(np.argmin([np.mean(_per_channel_error(x, a, bits, grid))
+                              for a in cands]))]
+
+
+def test_near_silent_minority_does_not_pull_the_clip_down():
+  """40 channels of std 1, 24 of std 0.05 (methods.md sec. 4 (ii)): the
+  median channel's error stays within 2x of the pooled-MSE clip's, where
+  the unfloored normalised mean makes it many times worse."""
+  std = jnp.concatenate([jnp.ones(40), jnp.full(24, 0.05)])
+  x = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(6), (2048, 64)) * std)
+  bits, grid = 4, "unsigned"
+  a_ch = clip_search.fit_clip(x, bits, grid)
+  a_pool = clip_search.pooled_mse_clip(x, bits, grid)
+  a_norm = _normalised_mean_clip(x, bits, grid)
+  med = lambda a: float(np.median(_per_channel_error(x, a, bits, grid)))  # noqa: E731
+  assert med(a_ch) <= 2 * med(a_pool), (a_ch, a_pool, med(a_ch), med(a_pool))
+  assert med(a_norm) > 5 * med(a_pool), (a_norm, med(a_norm))  # the old bug
+  assert a_norm < 0.6 * a_pool <= a_ch
+
+
+@pytest.mark.parametrize("grid", ["unsigned", "full"])
+def test_silent_channels_give_no_nan(grid):
+  """All-zero channels, or an all-zero input (methods.md sec. 4 (iii))."""
+  x = jax.random.normal(jax.random.PRNGKey(7), (256, 8))
+  for v in (x.at[:, :5].set(0.0), jnp.zeros_like(x)):
+    alpha = clip_search.fit_clip(v, 4, grid)
+    val, grad = jax.value_and_grad(
+        lambda a, v=v: clip_search.channel_error(v, a, 4, grid))(alpha)
+    assert np.isfinite([float(alpha), float(val), float(grad)]).all()
+    assert float(alpha) > 0
+
+
 @pytest.mark.parametrize("grid", ["unsigned", "full"])
 def test_channel_error_value_and_lsq_gradient(grid):
   """E and dE/d alpha match autodiff of the LSQ-style fake quant."""
@@ -290,7 +326,9 @@ def test_channel_error_value_and_lsq_gradient(grid):
 
   def ref(alpha):
     q = qz.fake_quant(x, qz.QParams(alpha / bound, None, qmin, qmax))
-    err = jnp.sum((x - q) ** 2, (0, 1)) / (jnp.sum(x ** 2, (0, 1)) + 1e-8)
+    energy = jnp.sum(x ** 2, (0, 1))
+    err = jnp.sum((x - q) ** 2, (0, 1)) / (
+        jnp.maximum(energy, jnp.sort(energy)[3:5].mean()) + 1e-8)  # median
     return jnp.mean(err)
 
   got_fn = jax.jit(jax.value_and_grad(
