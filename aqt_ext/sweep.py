@@ -150,6 +150,7 @@ RUNNERS: dict[str, Runner] = {"qat": run_qat, "ptq": run_ptq}
 # seed (it runs first); options not named keep `pipeline.ptq_defaults()`.
 PTQ_METHODS: dict[str, dict[str, Any]] = {
     "rtn": dict(method="rtn"),
+    "rtn_full": dict(method="rtn", grid="full"),  # 2^b levels
     "pwlq": dict(method="pwlq"),
     "pwlq_bc": dict(method="pwlq", bias_correction=True),
     "rex": dict(method="rex", order=2),

@@ -221,8 +221,8 @@ def test_layer_border_rounding_equals_aquant_quant(execution):
 
 @pytest.mark.parametrize("field,value,allowed", [
     ("method", "gptq", "'rtn', 'pwlq', 'rex', 'aquant'"),
-    ("breakpoint_ratio", 0.5, "(0.0, 0.5)"),
-    ("breakpoint_ratio", 0.0, "(0.0, 0.5)"),
+    ("breakpoint_ratio", 1.0, "(0.0, 1.0)"),
+    ("breakpoint_ratio", 0.0, "(0.0, 1.0)"),
     ("breakpoint", "median", "'grid', 'gaussian', 'laplacian', 'bisection', "
                              "'fixed'"),
     ("order", 0, "ints >= 1"),

@@ -31,11 +31,14 @@ Methods (``config.ptq.method``):
 
 * ``rtn``: round to nearest on the symmetric restricted grid
   +-(2^(b-1) - 1), scale absmax / (2^(b-1) - 1) per output channel or per
-  tensor (``ptq.granularity``).
+  tensor (``ptq.granularity``); with ``ptq.grid='full'`` on all 2^b levels
+  [-2^(b-1), 2^(b-1) - 1], scale absmax / (2^(b-1) - 1/2) (the 16-level
+  uniform baseline at 4 bits; the 15-level grid has (7.5/7)^2 = 1.15x its
+  rounding MSE, so PWLQ's gain over uniform must be read against both).
 * ``pwlq``: piecewise linear, per output channel (`pwlq.py`); breakpoint by
   ``ptq.breakpoint`` (``grid``, ``gaussian``, ``laplacian``, ``bisection``
   with ``ptq.prior``, or ``fixed``: p = ``ptq.breakpoint_ratio`` * max|w|,
-  the ratio in (0, 1/2), i.e. p in (0, m/2)); ``ptq.bias_correction``.
+  the ratio in (0, 1), i.e. p in (0, m)); ``ptq.bias_correction``.
 * ``rex``: residual expansion of order K = ``ptq.order`` over ``rtn``
   (`rex.py`), group sparsity ``ptq.sparsity`` for the orders >= 2. Each
   layer's BOPs are multiplied by ``rex_bops_factor(K, s)`` through
@@ -145,6 +148,7 @@ def ptq_defaults() -> ml_collections.ConfigDict:
   p = ml_collections.ConfigDict()
   p.method = "rtn"
   p.granularity = "per_channel"  # rtn; base quantizer of rex and aquant
+  p.grid = "restricted"  # rtn, rex, aquant: 2^b - 1 levels, or 'full': 2^b
   p.breakpoint = "grid"  # pwlq
   p.breakpoint_ratio = 0.25  # pwlq with breakpoint='fixed': p / max|w|
   p.prior = "gaussian"  # pwlq with breakpoint='bisection'
@@ -228,10 +232,11 @@ def validate_ptq_config(config: ml_collections.ConfigDict) -> ModelQuant:
   p = config.ptq
   _check_choice("ptq.method", p.method, METHODS)
   _check_choice("ptq.granularity", p.granularity, GRANULARITIES)
+  _check_choice("ptq.grid", p.grid, rex.GRIDS)
   _check_choice("ptq.breakpoint", p.breakpoint, BREAKPOINTS)
-  _check_interval("ptq.breakpoint_ratio", p.breakpoint_ratio, 0.0, 0.5, True,
+  _check_interval("ptq.breakpoint_ratio", p.breakpoint_ratio, 0.0, 1.0, True,
                   " exclusive: the breakpoint p = ratio * m must lie in "
-                  "(0, m/2), m = max|w| of the output channel")
+                  "(0, m), m = max|w| of the output channel")
   _check_choice("ptq.prior", p.prior, pwlq.PRIORS)
   _check_bool("ptq.bias_correction", p.bias_correction)
   _check_int("ptq.order", p.order, 1)
@@ -258,10 +263,10 @@ def validate_ptq_config(config: ml_collections.ConfigDict) -> ModelQuant:
 def _method_options(config: ml_collections.ConfigDict) -> dict:
   """The options the chosen method uses (for result tables)."""
   p = config.ptq
-  fields = {"rtn": ["granularity"],
+  fields = {"rtn": ["granularity", "grid"],
             "pwlq": ["breakpoint", "bias_correction"],
-            "rex": ["granularity", "order", "sparsity", "execution"],
-            "aquant": ["granularity", "learn_border"]}[p.method]
+            "rex": ["granularity", "grid", "order", "sparsity", "execution"],
+            "aquant": ["granularity", "grid", "learn_border"]}[p.method]
   if p.method == "pwlq" and p.breakpoint == "fixed":
     fields.append("breakpoint_ratio")
   if p.method == "pwlq" and p.breakpoint == "bisection":
@@ -368,15 +373,17 @@ def check_checkpoint(expected: Mapping, module_order: Sequence[Path],
 # Weights.
 # ---------------------------------------------------------------------------
 
-def rtn_quantizer(bits: int, granularity: str) -> rex.Quantizer:
-  """Round to nearest on +-(2^(b-1) - 1), absmax scale per output channel
-  (last axis) or per tensor."""
+def rtn_quantizer(bits: int, granularity: str, grid: str = "restricted"
+                  ) -> rex.Quantizer:
+  """Round to nearest on +-(2^(b-1) - 1) (``restricted``, 2^b - 1 levels)
+  or [-2^(b-1), 2^(b-1) - 1] (``full``, 2^b levels), absmax scale per
+  output channel (last axis) or per tensor."""
   if granularity == "per_channel":
-    return rex.channel_quantizer(bits)
+    return rex.channel_quantizer(bits, grid)
 
   def quantize(w: jax.Array) -> jax.Array:
-    rng = qz.observe_range(w, "restricted", tuple(range(w.ndim)))
-    return qz.fake_quant(w, qz.qparams_from_range(rng, "restricted", bits))
+    rng = qz.observe_range(w, grid, tuple(range(w.ndim)))
+    return qz.fake_quant(w, qz.qparams_from_range(rng, grid, bits))
 
   return quantize
 
@@ -392,11 +399,11 @@ def _pwlq(w: jax.Array, bits: int, ptq: ml_collections.ConfigDict
 
 
 @functools.lru_cache(maxsize=None)
-def _rtn_expansion(bits: int, granularity: str, order: int, sparsity: float
-                   ) -> Callable[[jax.Array], list[jax.Array]]:
+def _rtn_expansion(bits: int, granularity: str, grid: str, order: int,
+                   sparsity: float) -> Callable[[jax.Array], list[jax.Array]]:
   """Jitted REx expansion over `rtn_quantizer` (order 1: plain rtn), one
   compilation per kernel shape for all runs of a process."""
-  base = rtn_quantizer(bits, granularity)
+  base = rtn_quantizer(bits, granularity, grid)
   return jax.jit(lambda w: rex.rex_expand(w, order, base, sparsity))
 
 
@@ -407,7 +414,7 @@ def quantize_kernel(w: jax.Array, bits: int, ptq: ml_collections.ConfigDict
     terms = [_pwlq(w, bits, ptq)]
   else:
     order = ptq.order if ptq.method == "rex" else 1
-    terms = _rtn_expansion(bits, ptq.granularity, order,
+    terms = _rtn_expansion(bits, ptq.granularity, ptq.grid, order,
                            float(ptq.sparsity))(w)
   return [np.asarray(t) for t in terms]
 

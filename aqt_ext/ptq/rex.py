@@ -41,19 +41,25 @@ def _check(order: int, sparsity: float) -> None:
     raise ValueError(f"sparsity={sparsity!r}: allowed values are in [0, 1)")
 
 
-def channel_quantizer(bits: int) -> Quantizer:
-  """Per-output-channel (last axis) symmetric restricted-grid fake quant.
+GRIDS = ("restricted", "full")
 
-  scale = max|w| / (2^(b-1) - 1) per channel, grid +-(2^(b-1) - 1),
-  half-to-even rounding; a zero channel stays zero.
+
+def channel_quantizer(bits: int, grid: str = "restricted") -> Quantizer:
+  """Per-output-channel (last axis) symmetric fake quant, half-to-even
+  rounding; a zero channel stays zero.
+
+  ``restricted``: 2^b - 1 levels, scale = max|w| / (2^(b-1) - 1), grid
+  +-(2^(b-1) - 1). ``full``: 2^b levels, scale = max|w| / (2^(b-1) - 1/2),
+  grid [-2^(b-1), 2^(b-1) - 1] (the 16-level uniform baseline at 4 bits).
   """
   if not isinstance(bits, int) or bits < 2:
     raise ValueError(f"bits={bits!r}: allowed values are ints >= 2")
+  if grid not in GRIDS:
+    raise ValueError(f"grid={grid!r}: allowed values are {GRIDS}")
 
   def quantize(w: jax.Array) -> jax.Array:
     axes = tuple(range(w.ndim - 1))
-    qp = qparams_from_range(observe_range(w, "restricted", axes),
-                            "restricted", bits)
+    qp = qparams_from_range(observe_range(w, grid, axes), grid, bits)
     return fake_quant(w, qp)
 
   return quantize
