@@ -125,26 +125,6 @@ def test_checkpoint_mismatch_names_first_variable_and_shapes(tmp_path):
   assert not (tmp_path / "out").exists()
 
 
-def test_rex_ensemble_members_split_the_terms():
-  model = models.create_model("cifar_resnet8", num_classes=10, width=0.5)
-  folded = bn_fold.fold_batch_norm(random_variables(model), model.bn_epsilon)
-  ptq = pipeline.ptq_defaults()
-  ptq.method, ptq.order = "rex", 3
-  terms = pipeline.quantize_params(folded["params"],
-                                   pipeline.spec_model_quant("w4a8"), ptq)
-  members = pipeline.member_variables(folded, terms, ensemble=True)
-  (summed,) = pipeline.member_variables(folded, terms, ensemble=False)
-  assert len(members) == 3
-  kernel = lambda v: v["params"]["stage0_block0"]["conv1"]["kernel"]  # noqa
-  np.testing.assert_allclose(sum(kernel(m) for m in members), kernel(summed),
-                             atol=1e-7)
-  bias = lambda v: v["params"]["stage0_block0"]["bn1"]["bias"]  # noqa
-  np.testing.assert_array_equal(bias(members[0]), bias(folded))
-  for m in members[1:]:  # residual copies: every bias zero
-    np.testing.assert_array_equal(bias(m), 0.0)
-    np.testing.assert_array_equal(m["params"]["head"]["bias"], 0.0)
-
-
 def test_border_one_half_in_the_layers_is_round_to_nearest():
   """With alpha = beta = 0 (border 1/2) the layers' border rounding gives
   the static uniform model's logits. (Ties differ: half up against half to
@@ -228,7 +208,7 @@ def test_layer_border_rounding_equals_aquant_quant(execution):
     ("order", 0, "ints >= 1"),
     ("sparsity", 1.0, "[0.0, 1.0)"),
     ("sparsity", -0.1, "[0.0, 1.0)"),
-    ("execution", "parallel", "'sum', 'ensemble'"),
+    ("execution", "parallel", "'sum'"),
     ("granularity", "per_group", "'per_channel', 'per_tensor'"),
 ])
 def test_invalid_options_refused_before_work(tmp_path, field, value, allowed):
@@ -242,13 +222,12 @@ def test_invalid_options_refused_before_work(tmp_path, field, value, allowed):
   assert not (tmp_path / "out").exists()
 
 
-def test_invalid_quant_and_ensemble_combinations_refused(tmp_path):
+def test_invalid_quant_and_the_removed_ensemble_refused(tmp_path):
   for quant, ptq, msg in [
       ("lsq:w4a4", {}, "config.quant='lsq:w4a4'"),
-      ("w4a8", {"execution": "ensemble", "method": "pwlq"},
-       "ensemble needs ptq.method='rex'"),
-      ("wfa8", {"execution": "ensemble", "method": "rex"},
-       "every layer's weights quantized")]:
+      ("w4a8", {"execution": "ensemble", "method": "rex"},
+       "config.ptq.execution='ensemble' is not allowed; allowed values: "
+       "'sum' (the ensemble execution was removed")]:
     with pytest.raises(ValueError, match=msg.replace("(", r"\(")):
       pipeline.run_ptq(ptq_config(tmp_path, quant, **ptq),
                        str(tmp_path / "no_checkpoint"), str(tmp_path / "o"))

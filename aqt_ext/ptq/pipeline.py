@@ -42,20 +42,16 @@ Methods (``config.ptq.method``):
 * ``rex``: residual expansion of order K = ``ptq.order`` over ``rtn``
   (`rex.py`), group sparsity ``ptq.sparsity`` for the orders >= 2. Each
   layer's BOPs are multiplied by ``rex_bops_factor(K, s)`` through
-  `cost.model_cost`'s multipliers. ``ptq.execution``:
-
-  - ``sum``: one network; each layer runs its K products on the same
-    quantized input and adds them, i.e. it uses the kernel sum_k R_k (equal
-    by linearity, up to float rounding).
-  - ``ensemble``: K copies of the network, copy k with kernel R_k in every
-    layer, and the eval logits are the sum over the copies of each copy's
-    logits (the head's output, bias included). Copy 1 keeps all biases (the
-    folded BatchNorm biases and the head bias); copies k >= 2 have every bias
-    set to zero, so they are bias-free ReLU networks of the residuals. Every
-    copy has its own activation ranges, calibrated on its own activations.
-    [design] This equals the ``sum`` execution only for a network without
-    nonlinearities; for a ReLU network it is an approximation whose accuracy
-    is measured, not assumed. It needs every layer's weights quantized.
+  `cost.model_cost`'s multipliers. ``ptq.execution='sum'`` (the only one):
+  each layer runs its K products on the same quantized input and adds them,
+  i.e. it uses the kernel sum_k R_k (equal by linearity, up to float
+  rounding). The ``ensemble`` execution was removed: its copies with the
+  residual kernels R_k in every layer shrink layer after layer, so the sum
+  of their logits was round to nearest (W4A8: copy-2 logits 2.3e-5 of copy
+  1's, 100% of predictions equal to rtn; on a 2-layer linear net it dropped
+  the cross terms). The papers' ensemble construction (REx's early arXiv
+  versions, PIPE, arXiv 2311.15806) could not be read here; a faithful one
+  must keep the first-order correction and be tested against the sum.
 
 * ``aquant``: ``rtn`` weights; every quantized layer input is rounded with an
   AQuant border per input channel (`aquant.py`): initialised by
@@ -126,7 +122,7 @@ from aqt_ext.ptq import aquant, bn_fold, pwlq, rex
 METHODS = ("rtn", "pwlq", "rex", "aquant")
 GRANULARITIES = ("per_channel", "per_tensor")
 BREAKPOINTS = pwlq.METHODS + ("fixed",)
-EXECUTIONS = ("sum", "ensemble")
+EXECUTIONS = ("sum",)
 CALIBRATIONS = ("ema", "max")
 
 Path = str  # '/'-joined module path, e.g. 'stage1_block0/conv2'
@@ -241,6 +237,10 @@ def validate_ptq_config(config: ml_collections.ConfigDict) -> ModelQuant:
   _check_bool("ptq.bias_correction", p.bias_correction)
   _check_int("ptq.order", p.order, 1)
   _check_interval("ptq.sparsity", p.sparsity, 0.0, 1.0, False)
+  if p.execution == "ensemble":
+    raise _refuse("ptq.execution", p.execution, "'sum' (the ensemble "
+                  "execution was removed: it equalled round to nearest; see "
+                  "aqt_ext.ptq.pipeline)")
   _check_choice("ptq.execution", p.execution, EXECUTIONS)
   _check_choice("ptq.calibration", p.calibration, CALIBRATIONS)
   _check_interval("ptq.ema_decay", p.ema_decay, 0.0, 1.0, False)
@@ -249,14 +249,6 @@ def validate_ptq_config(config: ml_collections.ConfigDict) -> ModelQuant:
   _check_interval("ptq.border_lr", p.border_lr, 0.0, float("inf"), True)
   _check_int("ptq.border_examples", p.border_examples, 1)
   _check_int("num_calibration_batches", config.num_calibration_batches, 1)
-  if p.execution == "ensemble":
-    if p.method != "rex":
-      raise _refuse("ptq.execution", p.execution,
-                    "'sum' (ensemble needs ptq.method='rex')")
-    if not all(lq.weight.quantized
-               for lq in (spec.default, *(lq for _, lq in spec.rules))):
-      raise _refuse("ptq.execution", p.execution, "'sum' (ensemble needs "
-                    "every layer's weights quantized in config.quant)")
   return spec
 
 
@@ -454,22 +446,11 @@ def _with_kernels(variables: Mapping, kernels: Mapping[Path, jax.Array]
   return {**variables, "params": flax.traverse_util.unflatten_dict(flat)}
 
 
-def _without_biases(variables: Mapping) -> dict:
-  params = jax.tree_util.tree_map_with_path(
-      lambda path, x: np.zeros_like(x) if path[-1].key == "bias" else x,
-      variables["params"])
-  return {**variables, "params": params}
-
-
-def member_variables(folded: Mapping, terms: Mapping[Path, Terms],
-                     ensemble: bool) -> list[dict]:
-  """Variables of the network(s) whose logits are summed (module doc)."""
-  if not ensemble:
-    return [_with_kernels(folded, {p: sum(t) for p, t in terms.items()})]
-  order = len(next(iter(terms.values())))
-  members = [_with_kernels(folded, {p: t[k] for p, t in terms.items()})
-             for k in range(order)]
-  return members[:1] + [_without_biases(m) for m in members[1:]]
+def member_variables(folded: Mapping, terms: Mapping[Path, Terms]
+                     ) -> list[dict]:
+  """Variables of the network(s) whose logits are summed: one, with each
+  quantized kernel the sum of its terms."""
+  return [_with_kernels(folded, {p: sum(t) for p, t in terms.items()})]
 
 
 # ---------------------------------------------------------------------------
@@ -751,7 +732,7 @@ def run_ptq(config: ml_collections.ConfigDict, checkpoint_dir: str | None,
   t_ptq = time.time()
   folded = bn_fold.fold_batch_norm(float_vars, _linen(model).bn_epsilon)
   terms = quantize_params(folded["params"], spec, ptq)
-  members = member_variables(folded, terms, ptq.execution == "ensemble")
+  members = member_variables(folded, terms)
   images = calibration_images(config)
   if AQUANT in shapes:  # borders 1/2 (alpha = beta = 0) while calibrating
     members = [{**m, AQUANT: _zeros(shapes[AQUANT])} for m in members]
