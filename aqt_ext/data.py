@@ -621,10 +621,55 @@ class TrainStream:
     return self.iterate(0)
 
 
+EVAL_SPLITS = ("test", "validation")
+
+
+def train_split(name: str, data_dir: str | os.PathLike[str] | None,
+                num_examples: int | None, validation_examples: int = 0) -> str:
+  """The TFDS split training reads: the first `num_examples` training
+  examples (all if None) of those before the last `validation_examples`,
+  which are held out as the validation split (`validation_split`)."""
+  _check_positive("num_examples", num_examples, optional=True)
+  _check_non_negative("validation_examples", validation_examples)
+  if not validation_examples:
+    return _split("train", num_examples)
+  total = get_info(name, data_dir).num_train
+  kept = total - validation_examples
+  if kept < 1:
+    raise ValueError(
+        f"validation_examples={validation_examples} leaves no training "
+        f"example: allowed values are 0..{total - 1} ({name} has {total} "
+        "training examples)")
+  if num_examples is not None and num_examples > kept:
+    raise ValueError(
+        f"num_train_examples={num_examples} overlaps the validation split: "
+        f"allowed values are 1..{kept} ({total} training examples, the last "
+        f"validation_examples={validation_examples} held out)")
+  return f"train[:{kept if num_examples is None else num_examples}]"
+
+
+def validation_split(name: str, data_dir: str | os.PathLike[str] | None,
+                     validation_examples: int,
+                     num_examples: int | None = None) -> str:
+  """The last `validation_examples` training examples (their first
+  `num_examples`), held out from training by `train_split`."""
+  _check_positive("validation_examples", validation_examples)
+  _check_positive("num_examples", num_examples, optional=True)
+  total = get_info(name, data_dir).num_train
+  if validation_examples >= total:
+    raise ValueError(
+        f"validation_examples={validation_examples}: allowed values are "
+        f"1..{total - 1} ({name} has {total} training examples)")
+  start = total - validation_examples
+  stop = total if num_examples is None else min(total, start + num_examples)
+  return f"train[{start}:{stop}]"
+
+
 def make_train_stream(name: str, batch_size: int, seed: int,
                       data_dir: str | os.PathLike[str] | None = None,
                       augment: bool = True,
-                      num_examples: int | None = None) -> TrainStream:
+                      num_examples: int | None = None,
+                      validation_examples: int = 0) -> TrainStream:
   """Creates the training stream of dataset `name`.
 
   Args:
@@ -636,13 +681,14 @@ def make_train_stream(name: str, batch_size: int, seed: int,
       ~/tensorflow_datasets).
     augment: Whether to apply the training augmentation.
     num_examples: Use only the first `num_examples` training examples.
+    validation_examples: Hold out the last `validation_examples` training
+      examples (the validation split; `train_split`).
   """
   spec = _spec(name)
   _check_positive("batch_size", batch_size)
   _check_non_negative("seed", seed)
-  _check_positive("num_examples", num_examples, optional=True)
   resolved = _resolve_data_dir(data_dir)
-  split = _split("train", num_examples)
+  split = train_split(name, resolved, num_examples, validation_examples)
   if spec.streamed:
     source: _Source = _ImageNetSource(
         _prepared_builder(name, resolved), split, spec, batch_size, seed,
@@ -677,18 +723,29 @@ def _imagenet_eval_batches(builder: Any, split: str, spec: _Spec,
 
 def eval_batches(name: str, batch_size: int,
                  data_dir: str | os.PathLike[str] | None = None,
-                 num_examples: int | None = None) -> Iterator[Batch]:
-  """Yields dict(image, label, mask) covering the eval split exactly once.
+                 num_examples: int | None = None, split: str = "test",
+                 validation_examples: int = 0) -> Iterator[Batch]:
+  """Yields dict(image, label, mask) covering an eval split exactly once.
 
-  The last batch is zero-padded to `batch_size`; `mask` (float32) is 1 for
-  real examples and 0 for padding, so masked sums give exact metrics.
-  `num_examples` restricts evaluation to the first examples of the split.
+  ``split='test'``: the dataset's evaluation split (its test set; ImageNet's
+  validation set). ``'validation'``: the last `validation_examples`
+  training examples, which `make_train_stream` holds out with the same
+  `validation_examples`. The last batch is zero-padded to `batch_size`;
+  `mask` (float32) is 1 for real examples and 0 for padding, so masked sums
+  give exact metrics. `num_examples` restricts evaluation to the first
+  examples of the split.
   """
   spec = _spec(name)
   _check_positive("batch_size", batch_size)
   _check_positive("num_examples", num_examples, optional=True)
+  if split not in EVAL_SPLITS:
+    raise ValueError(f"split={split!r}: allowed values are {EVAL_SPLITS}")
   resolved = _resolve_data_dir(data_dir)
-  split = _split(spec.eval_split, num_examples)
+  if split == "validation":
+    split = validation_split(name, resolved, validation_examples,
+                             num_examples)
+  else:
+    split = _split(spec.eval_split, num_examples)
   if spec.streamed:
     return _imagenet_eval_batches(_prepared_builder(name, resolved), split,
                                   spec, batch_size)

@@ -141,6 +141,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   integer("seed", 0)
   integer("num_train_examples", 1, optional=True)
   integer("num_eval_examples", 1, optional=True)
+  integer("validation_examples", 0)
+  choice("eval_split", data_lib.EVAL_SPLITS)
+  if config.eval_split == "validation" and not config.validation_examples:
+    refuse("eval_split", "'test', or 'validation' with "
+           "config.validation_examples >= 1 (the held-out training examples "
+           "it evaluates on)")
   number("num_epochs", 0, low_open=True)
   number("width", 0, low_open=True)
   for field in ("learning_rate", "weight_decay", "warmup_epochs",
@@ -155,8 +161,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   # Raises on a bad spec, with the first/last-layer rules the model uses.
   parse_spec(config.quant, first=models.FIRST_LAYER, last=models.LAST_LAYER)
   info = data_lib.get_info(config.dataset, config.data_dir)
-  examples = (info.num_train if config.num_train_examples is None
-              else min(config.num_train_examples, info.num_train))
+  try:  # a hold-out that leaves no training data, or overlaps it
+    data_lib.train_split(config.dataset, config.data_dir,
+                         config.num_train_examples, config.validation_examples)
+  except ValueError as e:
+    raise ValueError(f"config.{e}") from None
+  kept = info.num_train - config.validation_examples
+  examples = (kept if config.num_train_examples is None
+              else min(config.num_train_examples, kept))
   steps_per_epoch = examples // config.batch_size
   if steps_per_epoch == 0:
     refuse("batch_size", f"1..{examples} (the number of training examples)")
@@ -445,7 +457,8 @@ def create_state(config, model, batch, steps_per_epoch, float_variables=None
 # (`check_resume`). The others (data_dir, evaluation, logging and checkpoint
 # cadence) say where data are read and how the run is evaluated, logged and
 # checkpointed, and may change between runs of one workdir.
-TRAINING_FIELDS = ("dataset", "num_train_examples", "augment", "framework",
+TRAINING_FIELDS = ("dataset", "num_train_examples", "validation_examples",
+                   "augment", "framework",
                    "model",
                    "width", "quant", "dtype", "init_from", "seed",
                    "optimizer", "learning_rate", "momentum", "nesterov",
@@ -453,7 +466,7 @@ TRAINING_FIELDS = ("dataset", "num_train_examples", "augment", "framework",
                    "num_epochs", "batch_size", "quant_lr_multiplier")
 # Training fields added after workdirs were saved, with the value every
 # earlier run had: a saved config that lacks one is compared as that value.
-LEGACY_DEFAULTS = {"framework": "linen"}
+LEGACY_DEFAULTS = {"framework": "linen", "validation_examples": 0}
 CONFIG_FILE = "config.json"  # in the workdir, next to checkpoints/
 RESULT_FILE = "result.json"
 
@@ -699,16 +712,17 @@ def write_json_atomic(path: str, obj: Any) -> None:
 
 def evaluate(state, eval_fn, config, shard) -> dict:
   totals = None
-  for batch in data_lib.eval_batches(config.dataset, config.eval_batch_size,
-                                     config.data_dir,
-                                     config.num_eval_examples):
+  for batch in data_lib.eval_batches(
+      config.dataset, config.eval_batch_size, config.data_dir,
+      config.num_eval_examples, split=config.eval_split,
+      validation_examples=config.validation_examples):
     m = eval_fn(state, shard(batch))
     totals = m if totals is None else jax.tree.map(jnp.add, totals, m)
   totals = jax.device_get(totals)
   n = float(totals["count"])
   return {"eval_accuracy": float(totals["correct"]) / n,
           "eval_loss": float(totals["loss_sum"]) / n,
-          "eval_examples": int(n)}
+          "eval_examples": int(n), "eval_split": config.eval_split}
 
 
 def _sharding():
@@ -753,7 +767,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   info = data_lib.get_info(config.dataset, config.data_dir)
   stream = data_lib.make_train_stream(
       config.dataset, config.batch_size, config.seed, config.data_dir,
-      augment=config.augment, num_examples=config.num_train_examples)
+      augment=config.augment, num_examples=config.num_train_examples,
+      validation_examples=config.validation_examples)
   steps_per_epoch = stream.steps_per_epoch
   total_steps = int(config.num_epochs * steps_per_epoch)
   model = create_model(config, info.num_classes)

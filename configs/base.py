@@ -14,6 +14,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.data_dir = ml_collections.FieldReference(None, field_type=str)
   c.num_train_examples = ml_collections.FieldReference(None, field_type=int)
   c.num_eval_examples = ml_collections.FieldReference(None, field_type=int)
+  # The last `validation_examples` training images are held out from training
+  # (0: none); eval_split='validation' evaluates on them, 'test' on the test
+  # set. Choose hyperparameters on 'validation'; report 'test' once.
+  c.validation_examples = 0
+  c.eval_split = "test"
   c.augment = True  # random crop (+ flip where the dataset allows)
   # Model and quantization.
   c.framework = "linen"  # the Flax API of the model: "linen" or "nnx"

@@ -293,3 +293,36 @@ def test_local_fashion_mnist(fashion_mnist_dir):
   test_labels = np.concatenate([b["label"] for b in evaluated])[mask == 1]
   np.testing.assert_array_equal(np.bincount(test_labels), [1000] * 10)
   assert abs(stream.batch(0)["image"].mean()) < 0.05  # Normalised.
+
+
+def test_validation_split_is_held_out_from_training(fashion_mnist_dir):
+  """validation_examples=5000: training reads the first 55,000 training
+  images, the validation split is the last 5,000 (the same images as the
+  raw split's tail), and the two never overlap."""
+  name, d = "fashion_mnist", fashion_mnist_dir
+  assert data.train_split(name, d, None, 5000) == "train[:55000]"
+  assert data.train_split(name, d, 1000, 5000) == "train[:1000]"
+  assert data.train_split(name, d, None) == "train"
+  assert data.validation_split(name, d, 5000, 100) == "train[55000:55100]"
+  stream = data.make_train_stream(name, 5000, 0, d, augment=False,
+                                  validation_examples=5000)
+  assert stream.steps_per_epoch == 11
+  val = list(data.eval_batches(name, 2048, d, split="validation",
+                               validation_examples=5000))
+  mask = np.concatenate([b["mask"] for b in val])
+  assert mask.sum() == 5000 and len(mask) == 3 * 2048
+  images = to_uint8(name, np.concatenate([b["image"] for b in val]))[:5000]
+  labels = np.concatenate([b["label"] for b in val])[:5000]
+  raw_images, raw_labels_ = data._load_arrays(name, "train", str(d))
+  np.testing.assert_array_equal(images, raw_images[55000:])
+  np.testing.assert_array_equal(labels, raw_labels_[55000:])
+  trained = np.concatenate([to_uint8(name, stream.batch(s)["image"])
+                            for s in range(11)])
+  # Training sees exactly the first 55,000 images (one epoch, each once).
+  assert sorted(im.tobytes() for im in trained) == sorted(
+      im.tobytes() for im in raw_images[:55000])
+  with pytest.raises(ValueError, match=r"num_train_examples=56000 overlaps "
+                     r"the validation split: allowed values are 1\.\.55000"):
+    data.train_split(name, d, 56000, 5000)
+  with pytest.raises(ValueError, match=r"split='val': allowed values"):
+    next(data.eval_batches(name, 8, d, split="val"))

@@ -53,7 +53,11 @@ BAD_FIELDS = [
     ("weight_decay", -1e-4), ("warmup_epochs", -1.0),
     ("quant_lr_multiplier", math.nan), ("momentum", 1.0),
     ("label_smoothing", 1.0), ("width", 0.0), ("seed", -1),
-    ("quant", "w4a4_fl99")]
+    ("quant", "w4a4_fl99"), ("validation_examples", -1),
+    ("validation_examples", 60_000),  # no training example left
+    ("num_train_examples", 58_000),  # overlaps validation_examples=5000
+    ("eval_split", "val"), ("eval_split", "validation")]  # the last: with
+# validation_examples=0
 
 
 @pytest.mark.parametrize("field,value", BAD_FIELDS)
@@ -65,6 +69,8 @@ def test_bad_field_is_refused_before_the_workdir_exists(field, value,
   # at once, with another error.
   monkeypatch.setattr(data, "LOCAL_FASHION_MNIST_DIR", tmp_path / "absent")
   cfg = tiny_config(tmp_path / "tfds", **{field: value})
+  if field == "num_train_examples" and value == 58_000:
+    cfg.validation_examples = 5000
   workdir = tmp_path / "w"
   name = "quant spec 'w4a4_fl99'" if field == "quant" else f"config.{field}="
   with pytest.raises(ValueError, match="allowed") as e:

@@ -461,7 +461,8 @@ def calibration_images(config: ml_collections.ConfigDict) -> list[np.ndarray]:
   """The first ``num_calibration_batches`` training batches, unaugmented."""
   stream = data_lib.make_train_stream(
       config.dataset, config.batch_size, config.seed, config.data_dir,
-      augment=False, num_examples=config.num_train_examples)
+      augment=False, num_examples=config.num_train_examples,
+      validation_examples=config.validation_examples)
   return [stream.batch(i)["image"]
           for i in range(config.num_calibration_batches)]
 
