@@ -38,6 +38,7 @@ ROUNDINGS = ("half_even", "half_away", "border")
 EXECUTIONS = ("fake", "int")
 LSQ_INITS = ("data",)
 DQ_INITS = ("kmeans", "uniform")
+DQ_UPDATES = ("direct", "latent_ste")
 
 MIN_BITS, MAX_BITS = 2, 8
 
@@ -94,6 +95,9 @@ class TensorQuant:
     pact_init: initial PACT clip value.
     dq_init: DQ level initialisation, ``kmeans`` (Lloyd-Max) or ``uniform``.
     dq_err_weight: weight of the channel-error auxiliary objective (DQ inputs).
+    dq_update: how DQ weights train: ``direct`` (level positions updated
+      directly) or ``latent_ste`` (latent float weights, straight-through);
+      `aqt_ext.core.dq`.
   """
 
   method: str = "float"
@@ -107,6 +111,7 @@ class TensorQuant:
   pact_init: float = 10.0
   dq_init: str = "kmeans"
   dq_err_weight: float = 1.0
+  dq_update: str = "direct"
 
   def __post_init__(self):
     c = "TensorQuant"
@@ -116,6 +121,7 @@ class TensorQuant:
     _check_choice(c, "calibration", self.calibration, CALIBRATIONS)
     _check_choice(c, "rounding", self.rounding, ROUNDINGS)
     _check_choice(c, "dq_init", self.dq_init, DQ_INITS)
+    _check_choice(c, "dq_update", self.dq_update, DQ_UPDATES)
     _check_range(c, "ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
     _check_range(c, "pact_init", self.pact_init, 0.0, float("inf"),
                  low_open=True)

@@ -463,8 +463,10 @@ class ExportRecorder:
     method = REGISTRY.get(cfg.weight.method)
     lut = method.weight_export == "lut"
     if lut:  # b-bit indices (stored minus 2^(b-1), signed) + level table
-      idx, table = lv.export_indices(
-          kernel, mdl.get_variable("params", method.params("kernel")[0]))
+      levels, positions = (mdl.get_variable("params", n)
+                           if mdl.has_variable("params", n) else None
+                           for n in method.params("kernel"))
+      idx, table = lv.export_indices(kernel, levels, positions)
       ints = idx.astype(jnp.int8) - jnp.int8(2 ** (cfg.weight.bits - 1))
       _put(mdl, "kernel", ints)
       _put(mdl, "kernel_levels", table)

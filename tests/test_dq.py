@@ -29,9 +29,11 @@ class WeightOnly(nn.Module):
         "kernel", kernel, self.tq, KERNEL_AXES, is_weight=True))
 
 
-def _weight_model(bits, granularity, dq_init="kmeans", seed=0):
+def _weight_model(bits, granularity, dq_init="kmeans", seed=0,
+                  dq_update="direct"):
   mdl = WeightOnly(TensorQuant(method="dq", bits=bits,
-                               granularity=granularity, dq_init=dq_init))
+                               granularity=granularity, dq_init=dq_init,
+                               dq_update=dq_update))
   return mdl, mdl.init(jax.random.PRNGKey(seed))["params"]
 
 
@@ -67,8 +69,9 @@ def test_outputs_are_levels(bits, granularity):
 
 
 @pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
-def test_exact_level_gradient_and_ste(granularity):
-  mdl, params = _weight_model(3, granularity)
+def test_exact_level_gradient_and_latent_ste(granularity):
+  mdl, params = _weight_model(3, granularity, dq_update="latent_ste")
+  assert "kernel_dq_position" not in params
   g = jax.random.normal(jax.random.PRNGKey(1), params["kernel"].shape)
   grads = jax.grad(lambda p: jnp.sum(g * mdl.apply({"params": p})))(params)
   levels = params["kernel_dq_levels"]
@@ -84,6 +87,107 @@ def test_exact_level_gradient_and_ste(granularity):
                              rtol=1e-5, atol=1e-5)
   # Latent weights: plain straight-through.
   np.testing.assert_array_equal(grads["kernel"], g)
+
+
+# The direct update (dq_update='direct', the default).
+
+def _direct(bits=3, granularity="per_channel", seed=0):
+  """(model, params, sorted table, (N, G) positions view, (N, G) index)."""
+  mdl, params = _weight_model(bits, granularity, seed=seed)
+  table = lv.sorted_levels(params["kernel_dq_levels"])
+  u2, _ = _group_view(params["kernel_dq_position"], table)
+  return mdl, params, table, u2, np.asarray(lv.position_index(u2, 2 ** bits))
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+def test_direct_init_equals_latent_and_gradients_follow_the_rule(granularity):
+  """At init the direct forward equals the latent one (same assignment);
+  the level gradient is the exact segment sum; the position gradient is
+  g / (the gap in the direction of the step -g); the kernel gets none."""
+  mdl, params, table, u2, idx = _direct(3, granularity)
+  latent, lparams = _weight_model(3, granularity, dq_update="latent_ste")
+  np.testing.assert_array_equal(mdl.apply({"params": params}),
+                                latent.apply({"params": lparams}))
+  assert np.all(np.abs(u2 - idx) <= 0.5)
+  g = jax.random.normal(jax.random.PRNGKey(1), params["kernel"].shape)
+  grads = jax.grad(lambda p: jnp.sum(g * mdl.apply({"params": p})))(params)
+  assert not np.any(grads["kernel"])
+  num = table.shape[-1]
+  _, lv2 = _group_view(params["kernel"], table)
+  groups = lv2.shape[0]
+  g2 = np.asarray(g).reshape(-1, groups)
+  seg = (idx + num * np.arange(groups)[None]).ravel()
+  want = jax.ops.segment_sum(g2.ravel(), seg, num_segments=groups * num)
+  np.testing.assert_allclose(grads["kernel_dq_levels"],
+                             np.asarray(want).reshape(table.shape),
+                             rtol=1e-5, atol=1e-5)
+  cols = np.arange(groups)[None]
+  below = lv2[cols, np.maximum(idx, 1)] - lv2[cols, np.maximum(idx, 1) - 1]
+  above = (lv2[cols, np.minimum(idx, num - 2) + 1]
+           - lv2[cols, np.minimum(idx, num - 2)])
+  want_u = g2 / np.where(g2 > 0, below, above)
+  got_u, _ = _group_view(grads["kernel_dq_position"], table)
+  np.testing.assert_allclose(got_u, want_u, rtol=1e-5)
+
+
+def test_direct_small_step_keeps_and_large_step_moves_one_level():
+  """A weight-space step smaller than the distance to the midpoint leaves
+  every assignment; one that crosses the midpoint (but not the next one)
+  moves the weight to the neighbouring level and no further; moving a level
+  moves every weight at it."""
+  mdl, params, table, u2, idx = _direct(3, "per_channel")
+  shape = params["kernel"].shape
+  _, lv2 = _group_view(params["kernel"], table)
+  num, groups = table.shape[-1], lv2.shape[0]
+  cols = np.arange(groups)[None]
+  inner = (idx > 0) & (idx < num - 1)
+  up = lv2[cols, np.minimum(idx + 1, num - 1)] - lv2[cols, idx]
+
+  def step(eta, g2):
+    """One SGD step of size eta on the positions, loss sum(g * w_q)."""
+    g = jnp.asarray(g2.reshape(shape))
+    grad = jax.grad(lambda p: jnp.sum(g * mdl.apply({"params": p})))(params)
+    return {**params, "kernel_dq_position":
+            params["kernel_dq_position"] - eta * grad["kernel_dq_position"]}
+
+  def index_after(p):
+    u, _ = _group_view(p["kernel_dq_position"], table)
+    return np.asarray(lv.position_index(u, num))
+
+  # Move every weight up (g = -1) by a weight-space distance d * gap_above.
+  g_up = -np.ones((u2.shape[0], groups), np.float32)
+  to_mid = 0.5 - (u2 - idx)  # residual distance to the upper midpoint
+  small = step(1.0, g_up * np.where(inner, 0.9 * to_mid * up, 0.0))
+  np.testing.assert_array_equal(index_after(small), idx)
+  large = step(1.0, g_up * np.where(inner, (to_mid + 0.5) * up, 0.0))
+  np.testing.assert_array_equal(index_after(large)[inner], idx[inner] + 1)
+  np.testing.assert_array_equal(index_after(large)[~inner], idx[~inner])
+  # Moving level j of channel 0 by delta moves every weight at it by delta
+  # (assignments unchanged, unlike latent weights re-assigned by distance).
+  j = int(np.bincount(idx[:, 0], minlength=num).argmax())
+  levels = np.array(params["kernel_dq_levels"])
+  order = np.argsort(levels[0])
+  delta = 0.3 * float(np.min(np.diff(np.asarray(table[0]))))
+  levels[0, order[j]] += delta
+  moved = mdl.apply({"params": {**params, "kernel_dq_levels": levels}})
+  before = mdl.apply({"params": params})
+  w_b, _ = _group_view(before, table)
+  w_m, _ = _group_view(moved, table)
+  at_j = idx[:, 0] == j
+  np.testing.assert_allclose(w_m[at_j, 0] - w_b[at_j, 0], delta, rtol=1e-5)
+  np.testing.assert_array_equal(w_m[~at_j, 0], w_b[~at_j, 0])
+
+
+def test_direct_positions_beyond_the_end_levels_are_not_pushed_further():
+  """Beyond [-1/2, L - 1/2] a position gets no gradient pushing it out."""
+  u = jnp.array([[-0.7], [-0.2], [2.6], [3.6]])  # 4 levels, one group
+  levels = jnp.array([-1.0, 0.0, 1.0, 2.0])
+  grad = lambda g: jax.grad(lambda u: jnp.sum(  # noqa: E731
+      jnp.asarray(g) * lv.quantize_positions(u, levels)))(u)
+  down = np.asarray(grad([[1.0], [1.0], [1.0], [1.0]]))[:, 0]
+  up = np.asarray(grad([[-1.0], [-1.0], [-1.0], [-1.0]]))[:, 0]
+  assert down[0] == 0 and down[1] > 0 and down[2] > 0 and down[3] > 0
+  assert up[3] == 0 and up[0] < 0 and up[1] < 0 and up[2] < 0
 
 
 def test_levels_sorted_and_distinct_after_large_sgd_steps():
@@ -382,7 +486,7 @@ def test_layer_jit_grad_aux_loss(kind, bits, granularity):
   x = x.at[..., 0].set(0.0)  # a zero input channel
   params = layer.init(jax.random.PRNGKey(7), x)["params"]
   assert set(params) == {"kernel", "bias", "kernel_dq_levels",
-                         "input_dq_alpha"}
+                         "kernel_dq_position", "input_dq_alpha"}
   params["kernel"] = params["kernel"].at[..., 1].set(0.0)  # zero out-channel
 
   def loss(p, task_weight):
@@ -401,8 +505,9 @@ def test_layer_jit_grad_aux_loss(kind, bits, granularity):
     assert np.all(np.isfinite(g))
   (aux, _), aux_grads = loss_and_grad(params, 0.0)
   assert aux > 0 and float(aux_grads["input_dq_alpha"]) != 0.0
-  for k in ("kernel", "kernel_dq_levels", "bias"):
+  for k in ("kernel", "kernel_dq_levels", "kernel_dq_position", "bias"):
     assert not np.any(aux_grads[k])  # the aux loss trains alpha only
+  assert not np.any(grads["kernel"])  # direct: the float kernel is unused
   # Not mutable: sow is a no-op and the output is unchanged.
   np.testing.assert_allclose(layer.apply({"params": params}, x), y,
                              rtol=1e-6, atol=1e-6)

@@ -107,7 +107,7 @@ def test_method_names_are_listed_only_by_the_registry():
   learned = REGISTRY.learned_params()
   assert set(learned) == {"kernel_lsq_step", "input_lsq_step",
                           "input_pact_alpha", "kernel_dq_levels",
-                          "input_dq_alpha"}
+                          "kernel_dq_position", "input_dq_alpha"}
   for path in PKG.rglob("*.py"):
     if path.parent.name == "core":
       continue

@@ -8,8 +8,27 @@ free in `aqt_ext.core.levels` (weights) and `aqt_ext.core.clip_search`
 (inputs); this file is the method.
 
 * Kernels: ``kernel_dq_levels`` of shape ``group_shape + (2^b,)`` (per
-  tensor or per output channel), initialised by `levels.init_levels`; the
-  forward is ``quantize_levels(w, sorted_levels(levels))``.
+  tensor or per output channel), initialised by `levels.init_levels`, with
+  the weights' update set by ``TensorQuant.dq_update``:
+
+  - ``direct`` (the default; the paper's point: gradient descent updates
+    the quantized weights, not latent float ones): the quantized weights
+    are ``kernel_dq_position``, one position u = a + r per weight (level
+    index a, residual r in level gaps), initialised from the float kernel
+    (`levels.init_positions`: at init the forward equals the
+    ``latent_ste`` one); the forward is ``quantize_positions(u, levels)``
+    and the rule of the update is that function's gradient: the step goes
+    into r in units of the level gap, a weight changes level only when r
+    crosses a midpoint, and moving a level moves every weight at that
+    level. The float ``kernel`` is only the initial value (no gradient
+    reaches it; weight decay, which the training loop applies to every
+    kernel, shrinks it, and nothing reads it). The positions train with
+    the levels, at the quantizer learning rate (``quant_lr_multiplier``),
+    without weight decay. [design]
+  - ``latent_ste`` (the first implementation): latent float weights in
+    ``kernel``, the forward ``quantize_levels(w, sorted_levels(levels))``,
+    plain straight-through gradients to the latent weights; after a level
+    moves, weights are reassigned to the nearest level by distance.
 * Inputs, ``calibration='dynamic'``: the clip ``input_dq_alpha`` is a
   parameter initialised by `clip_search.fit_clip` on the first batch
   (``pact_init`` if that batch is all zero, or inside a loop body that
@@ -37,7 +56,7 @@ from aqt_ext.core.int_ops import Quantized
 from aqt_ext.core.operand import Operand, materialize
 from aqt_ext.core.registry import Method
 
-LEVELS, ALPHA = "dq_levels", "dq_alpha"
+LEVELS, POSITION, ALPHA = "dq_levels", "dq_position", "dq_alpha"
 WEIGHT_GRANULARITIES = ("per_tensor", "per_channel")
 WEIGHT_GRIDS = ("full",)
 INPUT_GRANULARITIES = ("per_tensor",)
@@ -62,8 +81,16 @@ def quant_weight(ctx: QuantContext, op: Operand) -> jnp.ndarray:
   perm = red + tuple(a for a in range(x.ndim) if a not in red)
   levels = ctx.get(PARAMS, f"{op.name}_{LEVELS}", lambda: lv.init_levels(
       lax.stop_gradient(x), tq.bits, red, tq.dq_init))
-  wq = lv.quantize_levels(jnp.transpose(x, perm), lv.sorted_levels(levels))
-  return jnp.transpose(wq, tuple(perm.index(a) for a in range(x.ndim)))
+  table = lv.sorted_levels(levels)
+  back = tuple(perm.index(a) for a in range(x.ndim))
+  if tq.dq_update == "direct":
+    u = ctx.get(PARAMS, f"{op.name}_{POSITION}", lambda: jnp.transpose(
+        lv.init_positions(jnp.transpose(lax.stop_gradient(x), perm),
+                          lax.stop_gradient(table)), back))
+    wq = lv.quantize_positions(jnp.transpose(u, perm), table)
+    return jnp.transpose(wq, back).astype(x.dtype)
+  wq = lv.quantize_levels(jnp.transpose(x, perm), table)
+  return jnp.transpose(wq, back)
 
 
 def init_alpha(x: jnp.ndarray, tq) -> jnp.ndarray:
@@ -132,5 +159,6 @@ def _quantize(ctx: QuantContext, op: Operand) -> Quantized:
   return Quantized(quant_input(ctx, op))
 
 
-DQ = Method("dq", _quantize, weight_params=(LEVELS,), input_params=(ALPHA,),
+DQ = Method("dq", _quantize, weight_params=(LEVELS, POSITION),
+            input_params=(ALPHA,),
             static=True, weight_export="lut")

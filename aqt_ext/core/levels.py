@@ -110,6 +110,91 @@ def _quantize_bwd(res, ct):
 _quantize_levels.defvjp(_quantize_fwd, _quantize_bwd)
 
 
+# ---------------------------------------------------------------------------
+# The direct update: quantized weights as level positions.
+# ---------------------------------------------------------------------------
+
+def _side_gaps(lv2: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(gap below, gap above) each level of sorted (G, L) levels, as (L, G);
+  an end level uses its one neighbour gap on both sides."""
+  d = jnp.diff(lv2, axis=-1)
+  below = jnp.concatenate([d[:, :1], d], axis=-1)
+  above = jnp.concatenate([d, d[:, -1:]], axis=-1)
+  return below.T, above.T
+
+
+def position_index(u: jax.Array, num: int) -> jax.Array:
+  """The level a position u = a + r stands for: the nearest integer, a tie
+  (r = +1/2) to the lower level, clipped to [0, num - 1]; int32."""
+  return jnp.clip(jnp.ceil(u - 0.5), 0, num - 1).astype(jnp.int32)
+
+
+@jax.jit
+def init_positions(w: jax.Array, levels: jax.Array) -> jax.Array:
+  """Positions u = a + r of the weights `w` on the sorted `levels`: a = the
+  nearest level (`assign`), r = the offset from it in units of the gap
+  towards the weight, in [-1/2, 1/2]; float32, w's shape. So
+  ``quantize_positions(init_positions(w, v), v) == quantize_levels(w, v)``.
+  """
+  w2, lv2 = _as_groups(w, levels)
+  w2 = w2.astype(lv2.dtype)
+  idx = _assign2d(w2, lv2)
+  below, above = _side_gaps(lv2)
+  v_a = jnp.take_along_axis(lv2.T, idx, axis=0)
+  gap = jnp.where(w2 >= v_a, jnp.take_along_axis(above, idx, axis=0),
+                  jnp.take_along_axis(below, idx, axis=0))
+  r = jnp.clip((w2 - v_a) / jnp.maximum(gap, 1e-30), -0.5, 0.5)
+  return (idx + r).astype(jnp.float32).reshape(w.shape)
+
+
+@jax.jit
+def quantize_positions(u: jax.Array, levels: jax.Array) -> jax.Array:
+  """w_q = levels[position_index(u)] per group (`levels` sorted, group
+  axes last in u, as in `quantize_levels`), in `levels`' dtype.
+
+  Gradients, the direct update [design]: d/d levels[..., j] = the segment
+  sum of the cotangent g over the weights at level j (exact, as in
+  `quantize_levels`); d/du = g / gap, the gap to the neighbouring level in
+  the direction the step -g moves the weight (the gap below for g > 0), so
+  that a gradient step of size eta on u moves the weight's position by the
+  weight-space step eta * g expressed in level gaps: the residual r takes
+  the step, and the weight changes level only when r crosses a midpoint
+  (then by one level unless the step spans more than a further gap). A
+  position beyond the end levels (u < -1/2 or u > L - 1/2) gets no gradient
+  that would push it further out (the clip mask of the direct path).
+  """
+  return _quantize_positions(u, levels)
+
+
+@jax.custom_vjp
+def _quantize_positions(u, levels):
+  return _quantize_positions_fwd(u, levels)[0]
+
+
+def _quantize_positions_fwd(u, levels):
+  u2, lv2 = _as_groups(u, levels)
+  idx = position_index(u2, lv2.shape[-1])
+  wq = jnp.take_along_axis(lv2.T, idx, axis=0)
+  return wq.reshape(u.shape), (u2, idx, levels)
+
+
+def _quantize_positions_bwd(res, ct):
+  u2, idx, levels = res
+  num = levels.shape[-1]
+  _, dlv = _quantize_bwd((idx, levels), ct)
+  g = ct.reshape(idx.shape).astype(jnp.float32)
+  below, above = _side_gaps(levels.reshape(idx.shape[1], num))
+  gap = jnp.where(g > 0, jnp.take_along_axis(below, idx, axis=0),
+                  jnp.take_along_axis(above, idx, axis=0))
+  du = g / jnp.maximum(gap, 1e-30).astype(jnp.float32)
+  outward = ((u2 < -0.5) & (g > 0)) | ((u2 > num - 0.5) & (g < 0))
+  du = jnp.where(outward, 0.0, du)
+  return du.reshape(ct.shape).astype(u2.dtype), dlv
+
+
+_quantize_positions.defvjp(_quantize_positions_fwd, _quantize_positions_bwd)
+
+
 @functools.partial(jax.jit, static_argnames="min_gap")
 def sorted_levels(v: jax.Array, min_gap: float = MIN_GAP) -> jax.Array:
   """The levels the forward uses: sort(v) with a minimum neighbour gap.
@@ -191,13 +276,18 @@ def init_levels(w: jax.Array, bits: int, axes: tuple[int, ...],
   return sorted_levels(lv2).reshape(gshape + (num,))
 
 
-def export_indices(w: jax.Array, levels: jax.Array
+def export_indices(w: jax.Array, levels: jax.Array,
+                   positions: jax.Array | None = None
                    ) -> tuple[jax.Array, jax.Array]:
   """(uint8 b-bit indices in w's shape, the lookup table sorted_levels(v)).
 
-  `levels` is the stored parameter; w ~ table[indices] per group.
+  `levels` is the stored parameter; w ~ table[indices] per group. With
+  `positions` (the direct update's), the indices are theirs
+  (`position_index`) and `w` is not read.
   """
   table = sorted_levels(levels)
+  if positions is not None:
+    return position_index(positions, table.shape[-1]).astype(jnp.uint8), table
   return assign(w, table).astype(jnp.uint8), table
 
 
