@@ -2,7 +2,8 @@
 channel-error-weighted inputs.
 
 Seed paper: "Direct Quantization for Training Highly Accurate Low Bit-width
-Deep Neural Networks"; only its abstract could be read, so the design is
+Deep Neural Networks" (Hoang, Do, Nguyen, Cheung, IJCAI 2020; arXiv
+2012.13762); only its abstract could be read, so the design is
 ours ([design], ../shared/design/methods.md sec. 4). The math is framework
 free in `aqt_ext.core.levels` (weights) and `aqt_ext.core.clip_search`
 (inputs); this file is the method.
