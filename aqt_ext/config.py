@@ -299,7 +299,8 @@ class ModelQuant:
 # Presets and the one-string model spec.
 # ---------------------------------------------------------------------------
 
-QUANT_METHODS = ("uniform", "aqt", "lsq", "pact", "dq", "dqw", "dqa")
+QUANT_METHODS = ("uniform", "aqt", "lsq", "pact", "dq", "dqw", "dqa", "dqste",
+                 "dqwste")
 
 
 def layer_preset(method: str, wbits: int | None, abits: int | None, *,
@@ -315,7 +316,9 @@ def layer_preset(method: str, wbits: int | None, abits: int | None, *,
   sides, per-channel calibration over contracting axes), ``lsq`` (LSQ on both
   sides), ``pact`` (PACT inputs, uniform weights), ``dq`` (DQ levels for
   weights and channel-error-weighted inputs), ``dqw`` / ``dqa`` (DQ on one
-  side, uniform on the other).
+  side, uniform on the other); ``dqste`` / ``dqwste``: ``dq`` / ``dqw`` with
+  the weights trained as latent floats through a straight-through estimator
+  (``dq_update='latent_ste'``) instead of directly.
   """
   _check_choice("layer_preset", "method", method, QUANT_METHODS)
   in_grid = "full" if signed_input else "unsigned"
@@ -346,6 +349,10 @@ def layer_preset(method: str, wbits: int | None, abits: int | None, *,
     return LayerQuant(w("dq"), a("dq"))
   if method == "dqw":
     return LayerQuant(w("dq"), a("uniform"))
+  if method == "dqste":
+    return LayerQuant(w("dq", dq_update="latent_ste"), a("dq"))
+  if method == "dqwste":
+    return LayerQuant(w("dq", dq_update="latent_ste"), a("uniform"))
   return LayerQuant(w("uniform"), a("dq"))  # dqa
 
 

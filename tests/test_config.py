@@ -47,3 +47,16 @@ def test_layers_in_a_model_take_the_first_matching_rule():
                                    "input_lsq_step"}
   assert set(params["conv_b"]) == {"kernel", "bias"}  # W4, not the LSQ rule
   assert set(params["head"]) == {"kernel", "bias"}
+
+
+def test_dq_weight_update_presets():
+  """'dq' trains weights directly; 'dqste' / 'dqwste' keep the latent-STE
+  variant (the DQ ablation's second weight update)."""
+  from aqt_ext.config import parse_spec  # pylint: disable=g-import-not-at-top
+  for spec, update, inp in [("dq:w2a2", "direct", "dq"),
+                            ("dqw:w2a2", "direct", "uniform"),
+                            ("dqste:w2a2", "latent_ste", "dq"),
+                            ("dqwste:w3a3", "latent_ste", "uniform")]:
+    lq = parse_spec(spec).default
+    assert (lq.weight.method, lq.weight.dq_update, lq.input.method) == (
+        "dq", update, inp), spec
