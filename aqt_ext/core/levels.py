@@ -90,11 +90,17 @@ def _quantize_levels(w, levels):
   return _quantize_fwd(w, levels)[0]
 
 
+def _lookup(x, levels, index):
+  """(levels[index(x2, lv2)] in x's shape, x2, the (N, G) indices), with
+  (x2, lv2) the group view of `x` and `levels`."""
+  x2, lv2 = _as_groups(x, levels)
+  idx = index(x2, lv2)
+  return jnp.take_along_axis(lv2.T, idx, axis=0).reshape(x.shape), x2, idx
+
+
 def _quantize_fwd(w, levels):
-  w2, lv2 = _as_groups(w, levels)
-  idx = _assign2d(w2, lv2)
-  wq = jnp.take_along_axis(lv2.T, idx, axis=0)
-  return wq.reshape(w.shape).astype(w.dtype), (idx, levels)
+  wq, _, idx = _lookup(w, levels, _assign2d)
+  return wq.astype(w.dtype), (idx, levels)
 
 
 def _quantize_bwd(res, ct):
@@ -172,10 +178,9 @@ def _quantize_positions(u, levels):
 
 
 def _quantize_positions_fwd(u, levels):
-  u2, lv2 = _as_groups(u, levels)
-  idx = position_index(u2, lv2.shape[-1])
-  wq = jnp.take_along_axis(lv2.T, idx, axis=0)
-  return wq.reshape(u.shape), (u2, idx, levels)
+  wq, u2, idx = _lookup(u, levels, lambda u2, lv2: position_index(
+      u2, lv2.shape[-1]))
+  return wq, (u2, idx, levels)
 
 
 def _quantize_positions_bwd(res, ct):
