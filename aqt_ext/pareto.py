@@ -38,7 +38,10 @@ class Row:
     kind: 'qat' (trained with its quantizers) or 'ptq' (quantized after
       training).
     seeds: how many seeds were aggregated.
-    accuracy, accuracy_min, accuracy_max: mean, min and max test accuracy.
+    accuracy, accuracy_min, accuracy_max: mean, min and max accuracy on
+      the evaluation split.
+    split: that split, the records' ``eval_split`` ('test' for records
+      written before the field existed).
     macs, bops, weight_bits: cost of one inference (`aqt_ext.cost`).
     on_bops_frontier, on_weight_bits_frontier: non-dominated in (BOPs,
       accuracy) / (weight bits, accuracy).
@@ -61,6 +64,7 @@ class Row:
   weight_bits: float
   on_bops_frontier: bool = False
   on_weight_bits_frontier: bool = False
+  split: str = "test"
 
   @property
   def quant_label(self) -> str:
@@ -116,13 +120,18 @@ def aggregate(records: Iterable[Mapping[str, Any]]) -> list[Row]:
   for key, group in groups.items():
     acc = [float(r["eval_accuracy"]) for r in group]
     first = group[0]
+    splits = {r.get("eval_split", "test") for r in group}
+    if len(splits) > 1:
+      raise ValueError(f"the seeds of configuration {key} were evaluated on "
+                       f"different splits ({', '.join(sorted(splits))}); "
+                       "their accuracies cannot be averaged")
     rows.append(Row(**dict(zip(CONFIG_AXES, key)), spec=first["spec"],
                     label=first.get("label", first["spec"]),
                     kind=first.get("kind", "qat"),
                     seeds=len(group), accuracy=sum(acc) / len(acc),
                     accuracy_min=min(acc), accuracy_max=max(acc),
                     macs=first["macs"], bops=first["bops"],
-                    weight_bits=first["weight_bits"]))
+                    weight_bits=first["weight_bits"], split=splits.pop()))
   return sorted(rows, key=lambda r: (r.bops, -r.accuracy))
 
 
@@ -159,6 +168,11 @@ def _accuracy_cell(row: Row) -> str:
   return f"{mean} ± {50 * (row.accuracy_max - row.accuracy_min):.2f}"
 
 
+def _split_label(rows: Sequence[Row]) -> str:
+  """The evaluation split(s) of `rows`: 'test', 'validation', or both."""
+  return " / ".join(sorted({r.split for r in rows})) or "test"
+
+
 def _first_line(text: str | None) -> str:
   return text.splitlines()[0] if text else ""
 
@@ -182,8 +196,8 @@ def summary_markdown(rows: Sequence[Row],
         f"{' (PTQ)' if r.kind == 'ptq' else ''} | "
         f"{r.seeds} | {_accuracy_cell(r)} | {_si(r.macs)} | {_si(r.bops)} | "
         f"{_si(r.weight_bits)} | {_frontier_cell(r)} |")
-  lines += ["", "Accuracy: test accuracy, mean over seeds ± half the min-max "
-            "range. On frontier: not dominated in (BOPs, accuracy) and/or "
+  lines += ["", f"Accuracy: {_split_label(rows)} accuracy, mean over seeds "
+            "± half the min-max range. On frontier: not dominated in (BOPs, accuracy) and/or "
             "(weight bits, accuracy)."]
   if failed:
     lines += ["", f"Failed points ({len(failed)}; retried on the next run):",
@@ -380,7 +394,7 @@ def plot_pareto(rows: Sequence[Row], title: str = "") -> bytes:
   for top, bottom, (cost, flag, xlabel, scale) in zip(tops, bottoms, panels):
     _draw(top, rows, cost, flag, scale)
     top.set_ylim(lo, hi)
-    top.set_ylabel("test accuracy (%)")
+    top.set_ylabel(f"{_split_label(rows)} accuracy (%)")
     if bottom is None:
       top.set_xlabel(xlabel)
       continue

@@ -90,3 +90,27 @@ def test_plot_summary_reads_the_table_back(tmp_path):
     assert (a.on_bops_frontier, a.on_weight_bits_frontier) == (
         b.on_bops_frontier, b.on_weight_bits_frontier)
     assert a.label == b.label
+
+
+def _record(seed, acc, split=None):
+  r = {"axes": {"model": "cifar_resnet8", "width": 0.5, "quant": "w4a4",
+                "first_last": 8, "method": "uniform", "seed": seed},
+       "spec": "w4a4_fl8", "eval_accuracy": acc, "macs": 1.0, "bops": 2.0,
+       "weight_bits": 3.0}
+  if split is not None:
+    r["eval_split"] = split
+  return r
+
+
+def test_tables_name_the_split_the_accuracy_was_measured_on():
+  """A sweep evaluated on the validation split says so in its table; old
+  records (no eval_split) were test-set numbers; seeds measured on
+  different splits are not averaged."""
+  (row,) = pareto.summarize([_record(0, 0.8, "validation"),
+                             _record(1, 0.9, "validation")])
+  assert row.split == "validation" and row.accuracy == pytest.approx(0.85)
+  assert "Accuracy: validation accuracy" in pareto.summary_markdown([row])
+  (old,) = pareto.summarize([_record(0, 0.8)])
+  assert "Accuracy: test accuracy" in pareto.summary_markdown([old])
+  with pytest.raises(ValueError, match="different splits"):
+    pareto.summarize([_record(0, 0.8, "validation"), _record(1, 0.9, "test")])
