@@ -397,3 +397,59 @@ def test_nnx_border_capture_equals_linen():
     assert float(jnp.max(jnp.abs(y))) > 0
     np.testing.assert_array_equal(op_n[path](x_l, kernels[path]), y,
                                   err_msg=path)
+
+
+def test_learn_borders_in_sequence_against_float_outputs(monkeypatch):
+  """`learn_borders` fits the layers in call order; layer l sees the input
+  of the quantized network whose earlier layers have their learned borders
+  (and later ones their initial borders), and its target is the float
+  network's output of layer l."""
+  spec = pipeline.spec_model_quant("w4a4")
+  mq = pipeline.ptq_model_quant(spec, 0.9, border=True)
+  config = float_config("unused", width=0.25)
+  model = train.create_model(config, 10, quant=mq)
+  float_model = train.create_model(config, 10, quant=pipeline.ModelQuant())
+  folded = bn_fold.fold_batch_norm(random_variables(
+      models.create_model("cifar_resnet8", num_classes=10, width=0.25)), 1e-5)
+  shapes, _ = pipeline.init_shapes(model, (28, 28, 1))
+  zeros = lambda c: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),  # noqa: E731
+                                 shapes[c])
+  x = np.random.default_rng(0).standard_normal((8, 28, 28, 1), np.float32)
+  terms = pipeline.quantize_params(folded["params"], spec, pipeline.ptq_defaults())
+  (member,) = pipeline.member_variables(folded, terms)
+  (calibrated,) = pipeline.calibrate(
+      model, [{**member, pipeline.AQUANT: zeros(pipeline.AQUANT)}],
+      zeros(pipeline.STATS), [x], "max")
+  borders = pipeline.initial_borders(spec, calibrated["quant_stats"], folded,
+                                     terms)
+  seen = []
+  real = aquant.learn_border
+
+  def spy(x_calib, w, w_hat, scale, layer_fn, *args, target=None, **kw):
+    alpha, beta = real(x_calib, w, w_hat, scale, layer_fn, *args,
+                       target=target, **kw)
+    seen.append((x_calib, target, w, layer_fn))
+    return alpha + 0.25, beta  # moved, so later inputs must see the change
+  monkeypatch.setattr(aquant, "learn_border", spy)
+  ptq = pipeline.ptq_defaults()
+  ptq.border_steps = 2
+  learned = pipeline.learn_borders(model, float_model,
+                                   pipeline.with_borders(calibrated, borders),
+                                   x, borders, folded, terms, ptq)
+  order, _ = pipeline.capture_layer_inputs(model, pipeline.with_borders(
+      calibrated, borders), x)
+  assert len(seen) == len(borders) == len(order) >= 7
+  x_float, _ = pipeline.capture_layer_inputs(float_model, folded, x,
+                                             tuple(borders))
+  for k, path in enumerate(order):
+    now = {p: (learned[p] if j < k else borders[p])
+           for j, p in enumerate(order)}
+    want, _ = pipeline.capture_layer_inputs(
+        model, pipeline.with_borders(calibrated, now), x)
+    x_calib, target, w, layer_fn = seen[k]
+    np.testing.assert_array_equal(x_calib, want[path], err_msg=path)
+    np.testing.assert_array_equal(target, layer_fn(x_float[path], w),
+                                  err_msg=path)
+    if k:  # the earlier borders moved, so this input differs from the
+      # one-pass capture with the initial borders
+      assert np.any(np.asarray(x_calib) != np.asarray(order[path])), path

@@ -26,8 +26,13 @@ weights quantized to zero, or anti-correlated) starts at alpha_c = 0.
 The border is clipped to [0, 1], so q = n + [f >= B] lies in {n, n + 1} and the
 rounding is non-decreasing in x for any parameters. ``learn_border`` fits
 (alpha_c, beta_c) on calibration data by minimising one layer's output error
-with a soft border (sigmoid with annealed temperature); eval uses the hard
-border.
+against the float network's output of that layer, with a soft border
+(sigmoid with annealed temperature); eval uses the hard border. The
+pipeline (`aqt_ext.ptq.pipeline.learn_borders`) fits the layers in sequence,
+as the paper's framework does: each layer's input comes from the network
+whose earlier layers are already quantized with their fitted borders, so a
+border also corrects the error that reaches its layer. [paper, framework;
+the objective's details are ours: design]
 """
 
 from __future__ import annotations
@@ -91,12 +96,14 @@ def aquant_quant(x: jax.Array, scale: ArrayLike, alpha: jax.Array,
 def reconstruction_error(x: jax.Array, w: jax.Array, w_hat: jax.Array,
                          scale: ArrayLike, layer_fn: LayerFn,
                          alpha: jax.Array, beta: jax.Array,
-                         qmin: float = -jnp.inf, qmax: float = jnp.inf
-                         ) -> jax.Array:
-  """Mean squared error of layer_fn(x_hat, w_hat) against layer_fn(x, w),
-  with the hard border."""
+                         qmin: float = -jnp.inf, qmax: float = jnp.inf,
+                         target: jax.Array | None = None) -> jax.Array:
+  """Mean squared error of layer_fn(x_hat, w_hat), x rounded with the hard
+  border, against `target` (default layer_fn(x, w): the layer alone)."""
   x_hat = aquant_quant(x, scale, alpha, beta, qmin, qmax)
-  return jnp.mean((layer_fn(x_hat, w_hat) - layer_fn(x, w)) ** 2)
+  if target is None:
+    target = layer_fn(x, w)
+  return jnp.mean((layer_fn(x_hat, w_hat) - target) ** 2)
 
 
 def learn_border(x_calib: ArrayLike, w: ArrayLike, w_hat: ArrayLike,
@@ -104,13 +111,18 @@ def learn_border(x_calib: ArrayLike, w: ArrayLike, w_hat: ArrayLike,
                  lr: float = 1e-2, *,
                  in_axis: int = -2, qmin: float = -jnp.inf,
                  qmax: float = jnp.inf,
-                 temperature: tuple[float, float] = (0.3, 0.01)
+                 temperature: tuple[float, float] = (0.3, 0.01),
+                 target: ArrayLike | None = None
                  ) -> tuple[jax.Array, jax.Array]:
   """Per-input-channel (alpha, beta) fitted to one layer's output error.
 
-  Starts at ``init_border``; minimises the mean squared difference between
-  layer_fn(x_hat, w_hat) and layer_fn(x_calib, w) with Adam, x_hat rounded
-  with the soft border at a temperature annealed geometrically from
+  `x_calib` is the layer's input as the quantized network produces it (in
+  the pipeline: with every earlier layer already quantized, its border
+  fitted); `target` is the output to match, the float network's output of
+  this layer (layer_fn(x_float, w)); None takes layer_fn(x_calib, w), the
+  layer alone. Starts at ``init_border``; minimises the mean squared
+  difference between layer_fn(x_hat, w_hat) and `target` with Adam, x_hat
+  rounded with the soft border at a temperature annealed geometrically from
   temperature[0] to temperature[1] over ``steps`` (full batch). [design] The
   schedule, full-batch Adam, and returning the initial border when the
   learned one is not better under the hard border on ``x_calib``.
@@ -122,7 +134,7 @@ def learn_border(x_calib: ArrayLike, w: ArrayLike, w_hat: ArrayLike,
     raise ValueError(f"temperature={temperature!r}: allowed values are "
                      "(start, end) with both > 0")
   x_calib, w, w_hat = (jnp.asarray(a) for a in (x_calib, w, w_hat))
-  target = layer_fn(x_calib, w)
+  target = layer_fn(x_calib, w) if target is None else jnp.asarray(target)
   init = init_border(w, w_hat, in_axis)
   opt = optax.adam(lr)
 
@@ -141,5 +153,5 @@ def learn_border(x_calib: ArrayLike, w: ArrayLike, w_hat: ArrayLike,
   (learned, _), _ = jax.jit(lambda p: lax.scan(step, (p, opt.init(p)), temps)
                             )(init)
   hard = lambda p: reconstruction_error(  # noqa: E731
-      x_calib, w, w_hat, scale, layer_fn, *p, qmin, qmax)
+      x_calib, w, w_hat, scale, layer_fn, *p, qmin, qmax, target)
   return learned if hard(learned) < hard(init) else init

@@ -56,10 +56,13 @@ Methods (``config.ptq.method``):
 * ``aquant``: ``rtn`` weights; every quantized layer input is rounded with an
   AQuant border per input channel (`aquant.py`): initialised by
   ``init_border`` from the folded float and quantized kernels and, with
-  ``ptq.learn_border``, fitted per layer by ``learn_border`` (``border_steps``
-  Adam steps at ``border_lr``) on that layer's inputs for the first
-  ``border_examples`` calibration images, captured in one pass of the
-  quantized network with the initial borders [design]. The scale is the
+  ``ptq.learn_border``, fitted layer by layer in call order by
+  ``learn_border`` (``border_steps`` Adam steps at ``border_lr``) on the
+  first ``border_examples`` calibration images (`learn_borders`): layer l's
+  input is captured from the quantized network whose layers before l
+  already have their learned borders, and its target is the float
+  network's output of layer l (the paper's framework: sequential, against
+  the float outputs). The scale is the
   static range calibrated with borders 1/2 (round half up). Eval uses the
   hard border, inside the quantized layers: their inputs have
   ``rounding='border'`` (`aqt_ext.core.uniform.border_rounding`), with the
@@ -551,33 +554,48 @@ FloatOp = Callable[[jax.Array, jax.Array], jax.Array]  # (input, kernel) -> y
 
 
 def capture_layer_inputs(model: Model, variables: Mapping,
-                         images: np.ndarray
+                         images: np.ndarray,
+                         paths: Sequence[Path] | None = None
                          ) -> tuple[dict[Path, jax.Array], dict[Path, FloatOp]]:
-  """(raw input, the layer's bias-free float op of input and kernel) of every
-  layer that rounds its input with a border, in one pass of the network
-  with the current borders."""
+  """(input, the layer's bias-free float op of input and kernel) of the
+  quantized layers at `paths` (default: every layer that rounds its input
+  with a border), in one pass of the network with `variables`; the inputs
+  in call order."""
+  paths = None if paths is None else tuple(paths)
+  inputs = _inputs(model, variables, images, paths)
   if isinstance(model, train.NnxModel):
-    return _capture_nnx_layer_inputs(model, variables, images)
+    return inputs, _nnx_float_ops(model, variables, images, paths)
   layers = {}
+  jax.eval_shape(functools.partial(_linen_run, model=model, paths=paths,
+                                   layers=layers), variables, images)
+  return inputs, {p: _linen_float_op(layer) for p, (layer, _) in
+                  layers.items()}
 
+
+def _wanted(paths: tuple[Path, ...] | None, path: Path,
+            has_border: bool) -> bool:
+  return has_border if paths is None else path in paths
+
+
+def _linen_run(variables, images, *, model, paths, layers):
   def record(next_fun, args, kwargs, context):
     mdl = context.module
     if (context.method_name == "__call__"
-        and isinstance(mdl, (QuantConv, QuantDense))
-        and mdl.has_variable(AQUANT, "input_border_alpha")):
+        and isinstance(mdl, (QuantConv, QuantDense))):
       path = "/".join(str(p) for p in mdl.scope.path)
-      layers[path] = (mdl.clone(parent=None, use_bias=False,
-                                quant=LayerQuant()), args[0])
+      if _wanted(paths, path, mdl.has_variable(AQUANT, "input_border_alpha")):
+        layers[path] = (mdl.clone(parent=None, use_bias=False,
+                                  quant=LayerQuant()), args[0])
     return next_fun(*args, **kwargs)
 
-  def run(v, x):
-    with nn.intercept_methods(record):
-      model.apply(v, x, train=False)
-    return {p: inp for p, (_, inp) in layers.items()}
+  with nn.intercept_methods(record):
+    model.apply(variables, images, train=False)
+  return {p: inp for p, (_, inp) in layers.items()}
 
-  inputs = jax.jit(run)(variables, images)
-  return inputs, {p: _linen_float_op(layer) for p, (layer, _) in
-                  layers.items()}
+
+@functools.partial(jax.jit, static_argnames=("model", "paths"))
+def _linen_inputs(variables, images, *, model, paths):
+  return _linen_run(variables, images, model=model, paths=paths, layers={})
 
 
 def _linen_float_op(layer: nn.Module) -> FloatOp:
@@ -589,33 +607,34 @@ def _has_border(layer: Any) -> bool:
                     aqt_nnx.AQuantBorder)
 
 
-def _capture_nnx_layer_inputs(model: train.NnxModel, variables: Mapping,
-                              images: np.ndarray
-                              ) -> tuple[dict[Path, jax.Array],
-                                         dict[Path, FloatOp]]:
-  """`capture_layer_inputs` of an NNX model: the inputs through
-  `aqt_ext.nnx.intercept`; the float op from a copy of the layer without
+@functools.partial(jax.jit, static_argnames=("model", "paths"))
+def _nnx_inputs(variables, images, *, model, paths):
+  """`capture_layer_inputs`' inputs of an NNX model, through
+  `aqt_ext.nnx.intercept`."""
+  inputs = {}
+
+  def record(layer, *args, **kwargs):
+    if _wanted(paths, layer.path, _has_border(layer)):
+      inputs[layer.path] = args[0]
+    return layer.quantized_call(*args, **kwargs)
+
+  with aqt_nnx.intercept(record):
+    model.apply(variables, images, train=False)
+  return inputs
+
+
+def _nnx_float_ops(model: train.NnxModel, variables: Mapping,
+                   images: np.ndarray, paths: tuple[Path, ...] | None
+                   ) -> dict[Path, FloatOp]:
+  """The float ops of an NNX model's layers: a copy of the layer without
   quantization and bias, its kernel replaced."""
-  def run(v, x):
-    inputs = {}
-
-    def record(layer, *args, **kwargs):
-      if _has_border(layer):
-        inputs[layer.path] = args[0]
-      return layer.quantized_call(*args, **kwargs)
-
-    with aqt_nnx.intercept(record):
-      model.apply(v, x, train=False)
-    return inputs
-
-  inputs = jax.jit(run)(variables, images)
   ops = {}
   for path, layer in aqt_nnx.quant_layers(model.module(variables, images)):
-    if path in inputs:
+    if _wanted(paths, path, _has_border(layer)):
       plain = nnx.clone(layer)
       plain.quant, plain.bias = LayerQuant(), None
       ops[path] = _nnx_float_op(*nnx.split(plain))
-  return inputs, ops
+  return ops
 
 
 def _nnx_float_op(graphdef: Any, state: Any) -> FloatOp:
@@ -626,26 +645,47 @@ def _nnx_float_op(graphdef: Any, state: Any) -> FloatOp:
   return op
 
 
-def learn_borders(model: nn.Module, variables: Mapping, images: np.ndarray,
-                  borders: Mapping[Path, dict], folded: Mapping,
-                  terms: Mapping[Path, Terms],
+def learn_borders(model: Model, float_model: Model, variables: Mapping,
+                  images: np.ndarray, borders: Mapping[Path, dict],
+                  folded: Mapping, terms: Mapping[Path, Terms],
                   ptq: ml_collections.ConfigDict) -> dict[Path, dict]:
-  """`aquant.learn_border` per layer on its captured calibration inputs."""
-  inputs, layers = capture_layer_inputs(model, variables, images)
+  """`aquant.learn_border` per layer, in call order, each against the float
+  network's output of that layer.
+
+  The float network (`float_model` on the folded float `folded`) gives each
+  layer's float input x and target y = op(x, w). Layer l's input x_hat comes
+  from the quantized network (`model`, `variables`) with the borders of the
+  layers before it already learned (later layers do not change it), so a
+  border also absorbs the error of the quantized layers before it.
+  """
+  paths = tuple(borders)
+  x_float, ops = capture_layer_inputs(float_model, folded, images, paths)
   kernels = _kernels(folded["params"])
-  out = {}
-  for path, b in borders.items():
+  out = dict(borders)
+  for path in x_float:  # call order
+    b = borders[path]
+    inputs = _inputs(model, with_borders(variables, out), images, paths)
     w = kernels[path]
     w_hat = sum(terms[path]) if path in terms else w
     alpha, beta = aquant.learn_border(
-        inputs[path], w, w_hat, b["scale"], layers[path], ptq.border_steps, ptq.border_lr, qmin=float(b["qmin"]),
-        qmax=float(b["qmax"]))
+        inputs[path], w, w_hat, b["scale"], ops[path], ptq.border_steps,
+        ptq.border_lr, qmin=float(b["qmin"]), qmax=float(b["qmax"]),
+        target=ops[path](x_float[path], w))
     out[path] = {**b, "alpha": alpha, "beta": beta}
     logging.info("aquant border of %s learned", path)
   return out
 
 
-def aquant_members(config: ml_collections.ConfigDict, model: nn.Module,
+def _inputs(model: Model, variables: Mapping, images: np.ndarray,
+            paths: tuple[Path, ...] | None) -> dict[Path, jax.Array]:
+  """The inputs of the layers at `paths` (compiled once per model and
+  paths)."""
+  run = _nnx_inputs if isinstance(model, train.NnxModel) else _linen_inputs
+  return run(variables, images, model=model, paths=paths)
+
+
+def aquant_members(config: ml_collections.ConfigDict, model: Model,
+                   float_model: Model,
                    spec: ModelQuant, calibrated: Mapping, folded: Mapping,
                    terms: Mapping[Path, Terms], images: Sequence[np.ndarray]
                    ) -> list[dict]:
@@ -655,8 +695,9 @@ def aquant_members(config: ml_collections.ConfigDict, model: nn.Module,
   borders = initial_borders(spec, calibrated.get(STATS, {}), folded, terms)
   if ptq.learn_border and borders:
     x = np.concatenate(images)[:ptq.border_examples]
-    borders = learn_borders(model, with_borders(calibrated, borders), x,
-                            borders, folded, terms, ptq)
+    borders = learn_borders(model, float_model,
+                            with_borders(calibrated, borders), x, borders,
+                            folded, terms, ptq)
   return [with_borders(calibrated, borders)]
 
 
@@ -741,8 +782,9 @@ def run_ptq(config: ml_collections.ConfigDict, checkpoint_dir: str | None,
     members = calibrate(model, members, _zeros(shapes[STATS]), images,
                         ptq.calibration)
   if ptq.method == "aquant":
-    members = aquant_members(config, model, spec, members[0], folded, terms,
-                             images)
+    members = aquant_members(
+        config, model, _create_model(config, info.num_classes, ModelQuant()),
+        spec, members[0], folded, terms, images)
   ptq_time = time.time() - t_ptq
   logging.info("PTQ %s (%s) done in %.1f s; evaluating", ptq.method,
                config.quant, ptq_time)
