@@ -38,7 +38,8 @@ def main(argv):
   from aqt_ext import train  # pylint: disable=g-import-not-at-top
   logging.info("JAX devices: %s", jax.devices())
   result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  print(f"final test accuracy: {result['eval_accuracy']:.4f} "
+  print(f"final {result['eval_split']} accuracy: "
+        f"{result['eval_accuracy']:.4f} "
         f"(loss {result['eval_loss']:.4f}, {result['steps']} steps, "
         f"{result['wall_time_s']:.0f} s); result: "
         f"{os.path.join(FLAGS.workdir, 'result.json')}", flush=True)

@@ -116,9 +116,14 @@ class Record:
 
   Attributes:
     supported: the names of the supported layer types, for messages.
+    found, others_found: how layers and other modules are found, for the
+      message when no layer is: linen's rules see the modules called inside
+      the wrapped model, NNX's the submodules of the model.
   """
 
   supported: tuple[str, ...]
+  found: str = "was called inside the wrapped model"
+  others_found: str = "modules with variables it called"
 
   layers: dict[str, LayerMatch] = dataclasses.field(default_factory=dict)
   # path -> (type name, index of the rule that matched it)
@@ -156,9 +161,9 @@ class Record:
     supported = "/".join(self.supported)
     patterns = ", ".join(repr(p) for p, _ in quant.rules) or "none"
     if not self.layers:
-      why = f"no {supported} layer was called inside the wrapped model"
+      why = f"no {supported} layer {self.found}"
       if self.others:
-        why += (" (modules with variables it called: " + ", ".join(
+        why += (f" ({self.others_found}: " + ", ".join(
             f"{p!r} ({t})" for p, t in list(self.others.items())[:8]) + ")")
       if self.nnx:
         why += (f"; it runs NNX modules through nnx.bridge "

@@ -719,6 +719,13 @@ def test_quantize_model_refuses_subclasses_with_their_own_call():
   assert type(model.d) is Doubling
   assert len(got) == 1 and "nothing is quantized" in got[0]
   assert "'d' (Doubling)" in got[0]
+  # An NNX model with no supported layer: the message says where NNX looks.
+  _, got = _caught(lambda: anx.quantize_model(
+      nnx.Dict(n=nnx.LayerNorm(4, rngs=nnx.Rngs(0))), [("^zzz$", B)]))
+  assert len(got) == 1 and "nothing is quantized" in got[0], got
+  assert "layer is a submodule of the model" in got[0], got[0]
+  assert "its submodules with variables: 'n' (LayerNorm)" in got[0], got[0]
+  assert "wrapped model" not in got[0] and "called" not in got[0]
 
 
 def test_quantize_model_refuses_a_linen_module():

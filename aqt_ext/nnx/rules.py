@@ -102,7 +102,8 @@ def quantize_model(model: nnx.Module, rules: Rules) -> RulesReport:
     raise TypeError(f"aqt_ext.nnx.quantize_model model must be an nnx.Module, "
                     f"got {type(model).__name__}")
   quant = as_model_quant(rules)
-  record = Record(SUPPORTED_NAMES)
+  record = Record(SUPPORTED_NAMES, found="is a submodule of the model",
+                  others_found="its submodules with variables")
   todo = []
   for key, mdl in list(nnx.iter_modules(model)):
     path = "/".join(str(k) for k in key)

@@ -24,7 +24,8 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   from aqt_ext.ptq import pipeline  # pylint: disable=g-import-not-at-top
   result = pipeline.run_ptq(FLAGS.config, FLAGS.checkpoint, FLAGS.workdir)
-  print(f"PTQ {result['method']} {result['config']['quant']}: test accuracy "
+  print(f"PTQ {result['method']} {result['config']['quant']}: "
+        f"{result['eval_split']} accuracy "
         f"{result['eval_accuracy']:.4f} (loss {result['eval_loss']:.4f}, "
         f"{result['bops']:.4g} BOPs, PTQ {result['ptq_time_s']:.0f} s, "
         f"total {result['wall_time_s']:.0f} s)", flush=True)
