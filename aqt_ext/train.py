@@ -393,8 +393,8 @@ def train_step(state: TrainState, batch, *, num_classes, label_smoothing,
                         batch_stats=new.get("batch_stats", state.batch_stats),
                         quant_stats=new.get("quant_stats", state.quant_stats))
   metrics = {"loss": loss, "cross_entropy": ce,
-             "grad_norm": optax.global_norm(grads),
-             "param_norm": optax.global_norm(params),
+             **_split_norms("grad_norm", grads),
+             **_split_norms("param_norm", params),
              "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
              "learning_rate": schedule(state.step - 1)}
   return state, metrics
@@ -855,7 +855,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
 
 
 AVERAGED_METRICS = ("loss", "cross_entropy", "accuracy", "grad_norm",
-                    "param_norm")
+                    "param_norm", "quant_grad_norm", "quant_param_norm")
+
+
+def _split_norms(name: str, tree) -> dict:
+  """{name: the global norm over the model's parameters, quant_<name>: over
+  the quantizers' learned parameters (`QUANT_PARAM_RE`: LSQ steps, PACT and
+  DQ clips, DQ levels and positions; 0 where there are none)}. They are kept
+  apart because the quantizers' values are in other units (DQ positions are
+  level indices, their gradients are in level gaps), so one norm over both
+  would not mean what it does for a float model."""
+  flat = flax.traverse_util.flatten_dict(tree, sep="/")
+  parts = {False: [], True: []}
+  for path, leaf in flat.items():
+    parts[bool(QUANT_PARAM_RE.search(path))].append(leaf)
+  return {name: optax.global_norm(parts[False]),
+          f"quant_{name}": optax.global_norm(parts[True])}
 
 
 def window_metrics(steps: list[dict]):
@@ -882,7 +897,8 @@ def _num(d: dict) -> dict:
 
 def _check_finite(step: int, metrics) -> None:
   """Stops on a non-finite loss, gradient or updated parameter."""
-  for key in ("loss", "grad_norm", "param_norm"):
+  for key in ("loss", "grad_norm", "param_norm", "quant_grad_norm",
+              "quant_param_norm"):
     value = float(metrics[key])
     if not np.isfinite(value):
       raise NonFiniteLossError(

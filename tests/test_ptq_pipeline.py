@@ -444,8 +444,8 @@ def test_learn_borders_in_sequence_against_float_outputs(monkeypatch):
   for k, path in enumerate(order):
     now = {p: (learned[p] if j < k else borders[p])
            for j, p in enumerate(order)}
-    want, _ = pipeline.capture_layer_inputs(
-        model, pipeline.with_borders(calibrated, now), x)
+    want = pipeline._inputs(model, pipeline.with_borders(calibrated, now), x,
+                            None)
     x_calib, target, w, layer_fn = seen[k]
     np.testing.assert_array_equal(x_calib, want[path], err_msg=path)
     np.testing.assert_array_equal(target, layer_fn(x_float[path], w),

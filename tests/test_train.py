@@ -116,7 +116,7 @@ def test_train_metrics_window_is_a_clu_collection():
   from clu import metrics  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   keys = ("loss", "cross_entropy", "accuracy", "grad_norm", "param_norm",
-          "learning_rate")
+          "quant_grad_norm", "quant_param_norm", "learning_rate")
   steps = [{k: np.float32(rng.uniform()) for k in keys} for _ in range(5)]
   window = train.window_metrics(steps)
   assert isinstance(window, metrics.Collection)
@@ -230,8 +230,10 @@ def test_train_step_adds_the_dq_auxiliary_loss(tmp_path):
   for weight in (1.0, 0.0):
     state, step = _tiny_step(model(weight), batch["image"], tmp_path)
     new, metrics = step(state, batch)
-    runs[weight] = (state, new.opt_state, metrics)
-  (s1, g1, m1), (s0, g0, m0) = runs[1.0], runs[0.0]
+    runs[weight] = (state, new.opt_state, metrics, new.params)
+  (s1, g1, m1, _), (s0, g0, m0, _) = runs[1.0], runs[0.0]
+  alpha_g = lambda tree: tree["dense0"]["input_dq_alpha"]  # noqa: E731
+  new_params = lambda run: run[3]  # noqa: E731
   assert_trees_equal(s1.params, s0.params)  # same init
   alpha = s1.params["dense0"]["input_dq_alpha"]
   x = batch["image"][::dq.AUX_STRIDE]
@@ -250,6 +252,16 @@ def test_train_step_adds_the_dq_auxiliary_loss(tmp_path):
                ("dense1", "kernel")):
     np.testing.assert_allclose(g1[path[0]][path[1]], g0[path[0]][path[1]],
                                rtol=1e-6, atol=1e-7)
+  # The logged norms keep the model's parameters and the quantizer's apart.
+  flat = flax.traverse_util.flatten_dict(g1, sep="/")
+  model_sq = sum(float(jnp.sum(v ** 2)) for k, v in flat.items()
+                 if not k.endswith("_dq_alpha"))
+  np.testing.assert_allclose(m1["grad_norm"], model_sq ** 0.5, rtol=1e-5)
+  np.testing.assert_allclose(m1["quant_grad_norm"], abs(float(alpha_g(g1))),
+                             rtol=1e-5)
+  np.testing.assert_allclose(
+      m1["quant_param_norm"], abs(float(alpha_g(new_params(runs[1.0])))),
+      rtol=1e-5)
 
 
 def test_sigkill_and_rerun_resumes_identically(fashion_mnist_dir, tmp_path):

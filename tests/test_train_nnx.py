@@ -211,7 +211,7 @@ def test_nnx_train_steps_equal_linen(tmp_path):
   assert_trees_equal(l0.params["head"], floats["params"]["head"])
   for (ls, lm), (ns, nm) in zip(lsteps, nsteps):
     for key in ("loss", "cross_entropy", "grad_norm", "param_norm",
-                "accuracy"):
+                "quant_grad_norm", "quant_param_norm", "accuracy"):
       np.testing.assert_array_equal(lm[key], nm[key], err_msg=key)
     for coll in ("params", "batch_stats", "quant_stats"):
       assert_trees_equal(getattr(ls, coll), getattr(ns, coll))
