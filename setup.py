@@ -2,7 +2,8 @@
 
 Extras: the core (quantizers, layers, cost, PTQ, export) needs only the base
 requirements; `train` brings the training stack (TFDS, clu, orbax, ...);
-`test` brings pytest and `aqtp` (AQT v2, used as a numerics oracle).
+`test` brings pytest and `aqtp` (AQT v2, used as a numerics oracle);
+`serve` brings onnx and onnxruntime (`aqt_ext.export.onnx`).
 """
 
 from setuptools import find_packages, setup
@@ -14,6 +15,7 @@ TRAIN = [
     "importlib_resources", "grain", "orbax-checkpoint", "matplotlib",
 ]
 TEST = ["pytest", "pytest-xdist", "aqtp", "scikit-learn"]
+SERVE = ["onnx", "onnxruntime"]
 
 setup(
     name="aqt_ext",
@@ -22,5 +24,6 @@ setup(
     packages=find_packages(include=["aqt_ext", "aqt_ext.*"]),
     python_requires=">=3.11",
     install_requires=CORE,
-    extras_require={"train": TRAIN, "test": TEST, "all": TRAIN + TEST},
+    extras_require={"train": TRAIN, "test": TEST, "serve": SERVE,
+                    "all": TRAIN + TEST + SERVE},
 )

@@ -358,19 +358,24 @@ def layer_preset(method: str, wbits: int | None, abits: int | None, *,
 
 _SPEC_RE = re.compile(
     r"^(?:(?P<method>[a-z]+):)?w(?P<w>\d+|f)a(?P<a>\d+|f)"
-    r"(?:_fl(?P<fl>\d+|f))?$")
+    r"(?:_fl(?P<fl>\d+|f))?(?P<static>_static)?$")
 
 
 def parse_spec(spec: str, *, first: str | None = None,
                last: str | None = None) -> ModelQuant:
   """Builds a ModelQuant from a one-string spec.
 
-  Grammar: ``float`` | ``bf16`` | ``[METHOD:]wWaA[_flB]`` where W, A, B are
-  bit widths or ``f`` (float), METHOD one of `QUANT_METHODS` (default
-  ``uniform``), and ``_flB`` puts the first and last layer at B bits with
-  uniform quantization (the paper's "first/last at 8 bits"). `first` and
+  Grammar: ``float`` | ``bf16`` | ``[METHOD:]wWaA[_flB][_static]`` where
+  W, A, B are bit widths or ``f`` (float), METHOD one of `QUANT_METHODS`
+  (default ``uniform``), and ``_flB`` puts the first and last layer at B bits
+  with uniform quantization (the paper's "first/last at 8 bits"). `first` and
   `last` are regexes naming those layers; the first layer's input is signed.
-  Examples: ``w4a4``, ``lsq:w4a4_fl8``, ``aqt:w8a8``, ``wfa8``.
+  ``_static``: every uniform per-tensor input range is static (an EMA of
+  batch ranges while training, frozen in eval: ``calibration='static'``)
+  instead of the current batch's, as integer deployment needs (one stored
+  input scale per layer, e.g. the ONNX export's fused kernels).
+  Examples: ``w4a4``, ``lsq:w4a4_fl8``, ``aqt:w8a8``, ``wfa8``,
+  ``w4a4_fl8_static``.
   """
   if spec == "float":
     return ModelQuant()
@@ -404,4 +409,22 @@ def parse_spec(spec: str, *, first: str | None = None,
   if last is not None and m.group("fl") is not None:
     fl = bits(m.group("fl"))
     rules.append((last, layer_preset("uniform", fl, fl)))
+  if m.group("static"):
+    before = (default, tuple(rules))
+    default = _static_input(default)
+    rules = [(p, _static_input(lq)) for p, lq in rules]
+    if before == (default, tuple(rules)):
+      raise ValueError(
+          f"quant spec {spec!r}: '_static' makes uniform per-tensor input "
+          f"ranges static, and method {method!r} has none; allowed: a method "
+          "with uniform inputs (uniform, pact's first layer, dqw, dqwste) or "
+          "an '_flB' part")
   return ModelQuant(default=default, rules=tuple(rules))
+
+
+def _static_input(lq: LayerQuant) -> LayerQuant:
+  """`lq` with a static range for a uniform per-tensor input."""
+  t = lq.input
+  if t.method == "uniform" and t.granularity == "per_tensor":
+    return lq.replace(input=dataclasses.replace(t, calibration="static"))
+  return lq

@@ -746,11 +746,25 @@ def export(model: nn.Module, state: Any, example_input: Any, directory: str,
   Returns:
     An `ExportResult` with the sizes.
   """
-  variables = _as_variables(state)
-  kwargs = dict(call_kwargs or {})
   directory = new_export_directory(directory)
-  dyn, static = split_arrays((example_args(example_input), kwargs),
-                              "export example arguments")
+  variables, ints, recorder = record_export(model, state, example_input,
+                                            call_kwargs=call_kwargs,
+                                            rngs=rngs)
+  return write_export(directory, variables, ints, recorder)
+
+
+def record_export(model: nn.Module, state: Any, example_input: Any, *,
+                  call_kwargs: Mapping[str, Any] | None = None,
+                  rngs: Mapping[str, Any] | None = None
+                  ) -> tuple[dict, dict, "ExportRecorder"]:
+  """The in-memory part of `export` (arguments as there): the trained
+  variables (unboxed), the recorded integer kernels and scales, and the
+  recorder with the layers' metadata. `serving_tree` of the three is the
+  serving variable dict `serving_apply` runs."""
+  variables = _as_variables(state)
+  dyn, static = split_arrays((example_args(example_input),
+                              dict(call_kwargs or {})),
+                             "export example arguments")
   recorder = ExportRecorder()
 
   def record(v, dyn, rngs):
@@ -760,7 +774,7 @@ def export(model: nn.Module, state: Any, example_input: Any, directory: str,
     return _take_serving(extra["params"])
 
   ints = jax.device_get(jax.jit(record)(variables, dyn, rngs))
-  return write_export(directory, variables, ints, recorder)
+  return variables, ints, recorder
 
 
 def new_export_directory(directory: str) -> str:
@@ -817,17 +831,6 @@ def write_export(directory: str, variables: Mapping, ints: Mapping,
 # ---------------------------------------------------------------------------
 # Serving.
 # ---------------------------------------------------------------------------
-
-def _serve_input(mdl: nn.Module, x: jax.Array, tq: TensorQuant,
-                 axes: qz.OperandAxes) -> Quantized:
-  """The integer input: from the stored scale, or dynamic as in training."""
-  if not _stored_input(tq):
-    return _quant_operand(mdl, "input", x, tq, axes, is_weight=False)
-  qmin, qmax = qz.grid_range(tq.grid, tq.bits)
-  qp = qz.QParams(_get(mdl, "input_scale"), _get(mdl, "input_zero_point"),
-                  qmin, qmax)
-  return Quantized(None, qz.to_int(x, qp, tq.rounding), qp)
-
 
 def _serve_kernel(mdl: nn.Module, tq: TensorQuant, ops: _Operands
                   ) -> Quantized:
@@ -889,9 +892,38 @@ def _int_forward(mdl: nn.Module, kind: str, ops: _Operands, x_q: Quantized,
       y.shape[0],) else y
 
 
-def serve_layer(mdl: nn.Module, kind: str, inputs: jax.Array,
-                 *args) -> jax.Array:
-  """One integer layer's forward from the serving variables."""
+@dataclasses.dataclass(frozen=True)
+class IntLayer:
+  """One integer layer as it is served, read from the serving variables:
+  the record an export target (`aqt_ext.export`) writes out.
+
+  Attributes:
+    path: the module path, ``'/'``-joined.
+    kind: ``dense`` | ``conv`` | ``dense_general`` | ``einsum``.
+    ops: the operands: ``ops.x`` the input as the op takes it, the kernel
+      shape, the operand axes, a conv's ``lax.conv_general_dilated``
+      arguments (``ops.conv``).
+    input: the input's TensorQuant.
+    input_qp: the stored input scale (and zero point) with the grid's
+      integer range; None where the input is quantized per batch (dynamic).
+    kernel: the integer kernel (``ints``, in the kernel's layout) and its
+      scale (``qp``); for a DQ lookup-table layer ``fake`` holds the kernel
+      of table values and ``ints`` is None.
+    bias: the float bias, or None.
+  """
+
+  path: str
+  kind: str
+  ops: _Operands
+  input: TensorQuant
+  input_qp: qz.QParams | None
+  kernel: Quantized
+  bias: jax.Array | None
+
+
+def int_layer(mdl: nn.Module, kind: str, inputs: jax.Array,
+              *args) -> IntLayer:
+  """The `IntLayer` record of served layer `mdl` called on `inputs`."""
   if _get(mdl, "kernel") is None:
     raise ValueError(
         f"layer {_path(mdl)!r} is quantized in the model but the serving "
@@ -900,9 +932,27 @@ def serve_layer(mdl: nn.Module, kind: str, inputs: jax.Array,
         "were exported")
   cfg = _layer_quant(mdl, kind)
   ops = _operands(mdl, kind, inputs, *args)
-  return _int_forward(mdl, kind, ops,
-                      _serve_input(mdl, ops.x, cfg.input, ops.x_axes),
-                      _serve_kernel(mdl, cfg.weight, ops))
+  qp = None
+  if _stored_input(cfg.input):
+    qmin, qmax = qz.grid_range(cfg.input.grid, cfg.input.bits)
+    qp = qz.QParams(_get(mdl, "input_scale"), _get(mdl, "input_zero_point"),
+                    qmin, qmax)
+  return IntLayer(_path(mdl), kind, ops, cfg.input, qp,
+                  _serve_kernel(mdl, cfg.weight, ops), _bias(mdl))
+
+
+def serve_layer(mdl: nn.Module, kind: str, inputs: jax.Array,
+                 *args) -> jax.Array:
+  """One integer layer's forward from the serving variables: the input
+  quantized by the stored scale (or per batch, as in training), the
+  integer op, the scales, the bias."""
+  rec = int_layer(mdl, kind, inputs, *args)
+  x_q = (Quantized(None, qz.to_int(rec.ops.x, rec.input_qp,
+                                   rec.input.rounding), rec.input_qp)
+         if rec.input_qp is not None else
+         _quant_operand(mdl, "input", rec.ops.x, rec.input, rec.ops.x_axes,
+                        is_weight=False))
+  return _int_forward(mdl, kind, rec.ops, x_q, rec.kernel)
 
 
 def _serve_interceptor(next_fun, args, kwargs, context):
@@ -1137,8 +1187,9 @@ def int_execution(quant: ModelQuant) -> ModelQuant:
                        rules=tuple((p, one(lq)) for p, lq in quant.rules))
 
 
-__all__ = ["LAYOUT_VERSION", "FORMAT", "SERVE", "ExportResult", "ServedModel",
+__all__ = ["LAYOUT_VERSION", "FORMAT", "SERVE", "ExportResult", "IntLayer",
+           "ServedModel",
            "ServingFormatError", "check_servable", "check_shapes", "export",
-           "int_execution", "load", "pack_ints", "packed_size",
-           "read_metadata", "served_kind",
+           "int_execution", "int_layer", "load", "pack_ints", "packed_size",
+           "read_metadata", "record_export", "served_kind",
            "serving_apply", "serving_tree", "storage_bits", "unpack_ints"]

@@ -31,7 +31,7 @@ import re
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import flax
 import jax
@@ -671,28 +671,31 @@ def restore_checkpoint(mgr, state: TrainState) -> TrainState:
 
 def load_float_variables(workdir: str) -> dict:
   """Params and batch_stats of the latest checkpoint of a (float) run."""
+  return load_variables(
+      workdir, ("params", "batch_stats"), f"config.init_from={workdir!r}",
+      "it must be the --workdir of a finished float run (e.g. of "
+      "configs/fashion_mnist_float.py), or unset to train from scratch",
+      "Point config.init_from to another finished float run, or delete "
+      "that step's folder to use an earlier checkpoint of this one.")
+
+
+def load_variables(workdir: str, collections: Sequence[str], what: str,
+                   missing: str, remedy: str) -> dict:
+  """The `collections` (those present and non-empty) of the latest
+  checkpoint in `workdir`; a CheckpointError naming `what` with the hint
+  `missing` if there is none, or `remedy` if it cannot be read."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = _checkpoint_dir(workdir)
   # No manager for a missing directory: it would create it.
   mgr = ocp.CheckpointManager(directory) if os.path.isdir(directory) else None
   step = mgr.latest_step() if mgr else None
   if step is None:
-    raise CheckpointError(
-        f"config.init_from={workdir!r} holds no checkpoint: it must be the "
-        "--workdir of a finished float run (e.g. of "
-        "configs/fashion_mnist_float.py), or unset to train from scratch")
+    raise CheckpointError(f"{what} holds no checkpoint: {missing}")
   try:
-    tree = _restore(
-        mgr, step, ocp.args.StandardRestore(),
-        f"config.init_from={workdir!r}",
-        "Point config.init_from to another finished float run, or delete "
-        "that step's folder to use an earlier checkpoint of this one.")
+    tree = _restore(mgr, step, ocp.args.StandardRestore(), what, remedy)
   finally:
     mgr.close()
-  out = {"params": tree["params"]}
-  if tree.get("batch_stats"):
-    out["batch_stats"] = tree["batch_stats"]
-  return out
+  return {c: tree[c] for c in collections if tree.get(c)}
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

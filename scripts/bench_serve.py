@@ -1,25 +1,40 @@
 """Inference time of served integer models vs the float model, side by side.
 
-A CIFAR-style ResNet-20 on 28x28x1 input, batch 256. The float variant is the
-float model's jitted eval forward; a ``served_*`` variant is the model
-trained with that quant spec, exported with `aqt_ext.serve.export` (integer
-kernels, int4 packed two to a byte) and run by `aqt_ext.serve.load`'s
-integer forward (int8 operands, int32 accumulation). Weights are random
-(timing does not depend on them). All variants are compiled and warmed up
-first, then timed interleaved (round-robin, one batch each per round) so
-that machine load affects them alike; the median is reported.
+A CIFAR-style ResNet-20 on 28x28x1 input, at each batch size of --batch.
+Variants:
 
-  python scripts/bench_serve.py [--rounds 20] [--batch 256]
-      [--variants float,served_w8a8,served_w4a4_fl8]
+* ``float``: the float model's jitted eval forward (XLA).
+* ``served_<spec>``: the model trained with that quant spec, exported with
+  `aqt_ext.serve.export` (integer kernels, int4 packed two to a byte) and
+  run by `aqt_ext.serve.load`'s integer forward (XLA: int8 operands, int32
+  accumulation).
+* ``ort_float``: the float model as an ONNX graph on ONNX Runtime (CPU).
+* ``ort_<spec>``: the model exported by `aqt_ext.export.onnx.to_onnx` (QDQ,
+  int8 initializers, static input scales; ``_static`` specs) on ONNX
+  Runtime, with the int8 output requantization that lets every conv run as
+  ``QLinearConv``; ``ort_exact_<spec>``: without it (convs before residual
+  adds run as float convs on dequantised integers).
 
-Prints one JSON object per variant (variant, ms_per_batch, ratio_vs_float,
-weight_bytes, compile_s), then a table. ``weight_bytes``: the float model's
-params, or the served weights (integer kernels, scales, BatchNorm params).
+Weights are random (timing does not depend on them); static input ranges
+are calibrated on the benchmark batch. All variants of a batch size are
+compiled / loaded and warmed up first, then timed interleaved (round-robin,
+one batch each per round) so that machine load affects them alike; the
+median is reported. ORT runs with --threads intra-op threads.
+
+  python scripts/bench_serve.py [--rounds 20] [--batch 1,128] [--threads 2]
+      [--variants float,served_w8a8,...]
+
+Prints one JSON object per variant and batch size (variant, batch,
+ms_per_batch, ratio_vs_float, throughput_vs_float, weight_bytes, file_bytes,
+fused: ORT's integer-kernel nodes, compile_s), then a table.
+``weight_bytes``: the float model's params, or the served weights (integer
+kernels, scales, BatchNorm params); ``file_bytes``: the .onnx file.
 """
 
 import argparse
 import functools
 import json
+import os
 import tempfile
 import time
 
@@ -27,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
+from onnx import numpy_helper
 
 from aqt_ext import models, serve
 from aqt_ext.config import parse_spec
@@ -35,6 +51,10 @@ VARIANTS = {
     "float": "float",
     "served_w8a8": "w8a8",
     "served_w4a4_fl8": "w4a4_fl8",
+    "ort_float": "float",
+    "ort_w8a8": "w8a8_static",
+    "ort_w4a4_fl8": "w4a4_fl8_static",
+    "ort_exact_w4a4_fl8": "w4a4_fl8_static",
 }
 EVAL = {"train": False}
 
@@ -63,67 +83,120 @@ def random_variables(model, x, seed: int = 0) -> dict:
                          for k, s in flatten_dict(shapes).items()})
 
 
-def make_variant(spec: str, x, workdir: str):
-  """(forward fn of x, weight bytes) of one variant."""
+def calibrated(model, variables, x) -> dict:
+  """`variables` with the static input ranges calibrated on `x` (one
+  train-mode pass; the random BatchNorm statistics are kept)."""
+  if "quant_stats" not in variables:
+    return variables
+  _, upd = jax.jit(functools.partial(model.apply, train=True,
+                                     mutable=["batch_stats", "quant_stats"]))(
+                                         variables, x)
+  return {**variables, "quant_stats": upd["quant_stats"]}
+
+
+def make_variant(name: str, x, workdir: str):
+  """(forward fn of x, weight bytes, file bytes, fused node count)."""
+  spec = VARIANTS[name]
   model = make_model(spec)
-  variables = random_variables(model, x)
+  variables = calibrated(model, random_variables(model, x), x)
+  if name.startswith("ort_"):
+    from aqt_ext.export import onnx as ox  # pylint: disable=g-import-not-at-top
+    proto = ox.to_onnx(model, variables, np.asarray(x), call_kwargs=EVAL,
+                       requantize=not name.startswith("ort_exact_"))
+    path = f"{workdir}/{name}.onnx"
+    ox.save(proto, path)
+    fused = ox.fused_ops(proto, f"{workdir}/{name}.opt.onnx")
+    sess = ox.session(proto, threads=THREADS[0])
+    fn = lambda a: sess.run(None, {ox.INPUT: np.asarray(a)})[0]  # noqa: E731
+    inits = sum(np.asarray(numpy_helper.to_array(t)).nbytes
+                for t in proto.graph.initializer)
+    return fn, inits, os.path.getsize(path), sum(
+        fused.get(k, 0) for k in ox.INTEGER_KERNELS)
   if spec == "float":
     fn = jax.jit(functools.partial(model.apply, **EVAL))
     nbytes = sum(a.nbytes for a in jax.tree.leaves(variables["params"]))
-    return functools.partial(fn, variables), nbytes
-  directory = f"{workdir}/{spec}"
+    return functools.partial(fn, variables), nbytes, None, None
+  directory = f"{workdir}/{name}"
   result = serve.export(model, variables, x, directory, call_kwargs=EVAL)
-  return serve.load(directory, model, x, call_kwargs=EVAL), result.served_bytes
+  return (serve.load(directory, model, x, call_kwargs=EVAL),
+          result.served_bytes, None, None)
+
+
+THREADS = [2]
+
+
+def block(y):
+  return jax.block_until_ready(y) if isinstance(y, jax.Array) else y
 
 
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--rounds", type=int, default=20)
-  ap.add_argument("--batch", type=int, default=256)
+  ap.add_argument("--batch", default="1,128")
+  ap.add_argument("--threads", type=int, default=2)
   ap.add_argument("--variants", default=",".join(VARIANTS))
   args = ap.parse_args()
+  THREADS[0] = args.threads
   names = args.variants.split(",")
   for name in names:
     if name not in VARIANTS:
       raise ValueError(f"--variants: {name!r} is not allowed; allowed values:"
                        f" {', '.join(VARIANTS)}")
+  try:
+    batches = [int(b) for b in args.batch.split(",")]
+  except ValueError:
+    raise ValueError(f"--batch={args.batch!r}: allowed values are "
+                     "comma-separated positive ints") from None
   if names[0] != "float":
     names = ["float"] + [n for n in names if n != "float"]
+  rows = []
+  for batch in batches:
+    rows += bench(names, batch, args.rounds)
+  print(f"\n{jax.devices()[0].device_kind} ({jax.device_count()} device, "
+        f"{os.cpu_count()} CPUs), cifar_resnet20 28x28x1, {args.rounds} "
+        f"interleaved rounds, median; ORT {args.threads} threads:")
+  print(f"{'variant':<20} {'batch':>5} {'ms/batch':>9} {'x float':>8} "
+        f"{'thru x':>7} {'weight bytes':>13} {'x float':>8} {'fused':>5}")
+  for r in rows:
+    print(f"{r['variant']:<20} {r['batch']:>5} {r['ms_per_batch']:>9.2f} "
+          f"{r['ratio_vs_float']:>8.3f} {r['throughput_vs_float']:>7.2f} "
+          f"{r['weight_bytes']:>13,d} {r['weight_ratio']:>8.3f} "
+          f"{'-' if r['fused'] is None else r['fused']:>5}")
+
+
+def bench(names, batch: int, rounds: int) -> list[dict]:
   x = jnp.asarray(np.random.default_rng(1).normal(
-      size=(args.batch, 28, 28, 1)), jnp.float32)
-  fns, nbytes, compile_s = {}, {}, {}
+      size=(batch, 28, 28, 1)), jnp.float32)
+  fns, nbytes, fbytes, fused, compile_s = {}, {}, {}, {}, {}
   with tempfile.TemporaryDirectory() as workdir:
     for name in names:
-      fns[name], nbytes[name] = make_variant(VARIANTS[name], x, workdir)
+      fns[name], nbytes[name], fbytes[name], fused[name] = make_variant(
+          name, x, workdir)
       t = time.perf_counter()
-      jax.block_until_ready(fns[name](x))
+      block(fns[name](x))
       compile_s[name] = time.perf_counter() - t
       for _ in range(2):  # warm-up
-        jax.block_until_ready(fns[name](x))
+        block(fns[name](x))
     times = {n: [] for n in names}
-    for _ in range(args.rounds):
+    for _ in range(rounds):
       for name in names:
         t = time.perf_counter()
-        jax.block_until_ready(fns[name](x))
+        block(fns[name](x))
         times[name].append(time.perf_counter() - t)
   med = {n: 1e3 * float(np.median(times[n])) for n in names}
   rows = []
   for name in names:
-    row = {"variant": name, "ms_per_batch": round(med[name], 2),
+    row = {"variant": name, "batch": batch,
+           "ms_per_batch": round(med[name], 3),
            "ratio_vs_float": round(med[name] / med["float"], 3),
+           "throughput_vs_float": round(med["float"] / med[name], 3),
            "weight_bytes": int(nbytes[name]),
+           "weight_ratio": round(nbytes[name] / nbytes["float"], 3),
+           "file_bytes": fbytes[name], "fused": fused[name],
            "compile_s": round(compile_s[name], 2)}
     rows.append(row)
     print(json.dumps(row), flush=True)
-  print(f"\n{jax.devices()[0].device_kind} ({jax.device_count()} device), "
-        f"cifar_resnet20 28x28x1, batch {args.batch}, {args.rounds} "
-        "interleaved rounds, median:")
-  print(f"{'variant':<16} {'ms/batch':>9} {'x float':>8} {'weight bytes':>13}"
-        f" {'x float':>8}")
-  for r in rows:
-    print(f"{r['variant']:<16} {r['ms_per_batch']:>9.2f} "
-          f"{r['ratio_vs_float']:>8.3f} {r['weight_bytes']:>13,d} "
-          f"{r['weight_bytes'] / nbytes['float']:>8.3f}")
+  return rows
 
 
 if __name__ == "__main__":

@@ -123,11 +123,11 @@ fi
 stamp=.venv/.aqt_ext_installed
 want=$( (echo "$PYV"; cat setup.py "$CONSTRAINTS") | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  say "installing aqt_ext[train,test] into .venv (pip -c $CONSTRAINTS)"
+  say "installing aqt_ext[train,test,serve] into .venv (pip -c $CONSTRAINTS)"
   if ! .venv/bin/python -m pip install -q --upgrade pip \
       || ! .venv/bin/python -m pip install -q -c "$CONSTRAINTS" \
-        -e ".[train,test]"; then
-    err "pip could not install aqt_ext[train,test] with $CONSTRAINTS into" \
+        -e ".[train,test,serve]"; then
+    err "pip could not install aqt_ext[train,test,serve] with $CONSTRAINTS into" \
         ".venv (Python $PYV; the error is above)"
     exit 1
   fi

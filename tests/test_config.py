@@ -3,6 +3,7 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import pytest
 
 import aqt_ext as A
 from aqt_ext.config import LayerQuant, ModelQuant, TensorQuant
@@ -60,3 +61,19 @@ def test_dq_weight_update_presets():
     lq = parse_spec(spec).default
     assert (lq.weight.method, lq.weight.dq_update, lq.input.method) == (
         "dq", update, inp), spec
+
+
+def test_static_suffix_makes_uniform_input_ranges_static():
+  q = A.parse_spec("w4a4_fl8_static", first="first$", last="last$")
+  assert q.default.input.calibration == "static"
+  assert [lq.input.calibration for _, lq in q.rules] == ["static", "static"]
+  assert q.default.weight == A.parse_spec("w4a4_fl8").default.weight
+  # LSQ inputs keep their learned step; the 8-bit first/last layers' become
+  # static.
+  lsq = A.parse_spec("lsq:w4a4_fl8_static", first="first$", last="last$")
+  assert lsq.default == A.parse_spec("lsq:w4a4_fl8").default
+  assert [lq.input.calibration for _, lq in lsq.rules] == ["static"] * 2
+  with pytest.raises(ValueError, match="'_static' makes uniform per-tensor"):
+    A.parse_spec("aqt:w4a4_static")
+  with pytest.raises(ValueError, match="is not valid"):
+    A.parse_spec("w4a4_static_fl8")

@@ -1,0 +1,236 @@
+"""ONNX export (`aqt_ext.export.onnx`): the graph computes what the served
+integer model computes, ONNX Runtime fuses its quantized ops into integer
+kernels, and on real images (scikit-learn's digits) its predictions are
+QAT eval's."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from aqt_ext import LayerQuant, TensorQuant, models, parse_spec, serve  # noqa: E402
+from aqt_ext.export import onnx as ox  # noqa: E402
+from aqt_ext.linen import quantize_model  # noqa: E402
+
+EVAL = {"train": False}
+
+
+class CNN(nn.Module):
+  """The shape of flax's (linen) mnist CNN, with a BatchNorm and max pool."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.Conv(16, (3, 3))(x)
+    x = nn.BatchNorm(use_running_average=not train)(x)
+    x = nn.relu(x)
+    x = nn.avg_pool(x, (2, 2), (2, 2))
+    x = nn.Conv(32, (3, 3), strides=(2, 2), padding=((1, 0), (0, 1)))(x)
+    x = nn.relu(x)
+    x = nn.max_pool(x, (2, 2), (1, 1), padding="SAME")
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(64)(x))
+    return nn.Dense(10)(x)
+
+
+def cnn_quant(spec: str = "w4a4_fl8_static"):
+  return parse_spec(spec, first=r"Conv_0$", last=r"Dense_1$")
+
+
+def unoptimized(proto):
+  """A session running the graph as written (no ORT graph rewrites, so no
+  fusion and no bias quantization): the translation's own numerics."""
+  opts = ort.SessionOptions()
+  opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+  return ort.InferenceSession(proto.SerializeToString(), opts,
+                              providers=["CPUExecutionProvider"])
+
+
+def calibrated(model, x, seed=0):
+  """Random variables with BatchNorm statistics and static input ranges
+  from one train-mode pass on `x`."""
+  v = model.init(jax.random.PRNGKey(seed), x, **EVAL)
+  _, upd = jax.jit(functools.partial(
+      model.apply, train=True, mutable=["batch_stats", "quant_stats"]))(v, x)
+  return {**v, **upd}
+
+
+def int_logits(model, v, x):
+  twin = model.clone(quant=serve.int_execution(model.quant))
+  return np.asarray(twin.apply(v, x, **EVAL))
+
+
+def test_graph_computes_the_served_integer_model():
+  """Layouts (NHWC -> NCHW), BatchNorm folded into the weight scales,
+  strides / explicit and SAME padding, avg and max pooling, flatten, the
+  4-bit clip on uint8 and the 8-bit signed first layer: the graph as
+  written equals the XLA integer execution to float rounding, at another
+  batch size than it was traced with."""
+  x = np.random.default_rng(0).normal(size=(8, 12, 12, 1)).astype(np.float32)
+  model = quantize_model(CNN(), cnn_quant())
+  v = calibrated(model, x)
+  proto = ox.to_onnx(model, v, x, call_kwargs=EVAL, requantize=False)
+  for batch in (8, 3):
+    xb = x[:batch]
+    (y,) = unoptimized(proto).run(None, {ox.INPUT: xb})
+    want = int_logits(model, v, xb)
+    np.testing.assert_allclose(y, want, rtol=1e-5,
+                               atol=1e-5 * np.abs(want).max())
+  # The kernels are stored as the trained integers, int8.
+  kernels = {t.name: onnx.numpy_helper.to_array(t)
+             for t in proto.graph.initializer if t.name.endswith(".kernel")}
+  assert set(kernels) == {"Conv_0.kernel", "Conv_1.kernel", "Dense_0.kernel",
+                          "Dense_1.kernel"}
+  assert all(k.dtype == np.int8 for k in kernels.values())
+  assert np.abs(kernels["Conv_1.kernel"]).max() <= 8  # 4-bit full grid
+
+
+def test_dynamic_input_ranges_are_computed_in_the_graph():
+  x = np.random.default_rng(1).normal(size=(4, 12, 12, 1)).astype(np.float32)
+  model = quantize_model(CNN(), cnn_quant("w4a4_fl8"))  # per-batch ranges
+  v = calibrated(model, x)
+  proto = ox.to_onnx(model, v, x, call_kwargs=EVAL, requantize=False)
+  (y,) = unoptimized(proto).run(None, {ox.INPUT: x})
+  want = int_logits(model, v, x)
+  np.testing.assert_allclose(y, want, rtol=1e-5,
+                             atol=1e-5 * np.abs(want).max())
+  assert any(n.op_type == "ReduceMax" for n in proto.graph.node)
+
+
+def test_float_model_exports_as_float_graph():
+  x = np.random.default_rng(2).normal(size=(2, 12, 12, 1)).astype(np.float32)
+  model = CNN()
+  v = model.init(jax.random.PRNGKey(0), x)
+  proto = ox.to_onnx(model, v, x, call_kwargs=EVAL)
+  (y,) = unoptimized(proto).run(None, {ox.INPUT: x})
+  np.testing.assert_allclose(y, model.apply(v, x), rtol=1e-4, atol=1e-5)
+  assert not any(n.op_type == "QuantizeLinear" for n in proto.graph.node)
+
+
+@pytest.mark.parametrize("requantize,fused_convs", [(True, 9), (False, 3)])
+def test_resnet_convs_fuse_into_integer_kernels(requantize, fused_convs,
+                                                tmp_path):
+  """The zoo's ResNet-8: with requantization every conv runs as ORT's
+  QLinearConv; without it the convs whose QAT output is not quantized next
+  (before the residual adds) stay float. The ORT output is checked against
+  the integer execution either way."""
+  x = np.random.default_rng(3).normal(size=(16, 28, 28, 1)).astype(np.float32)
+  model = models.create_model("cifar_resnet8", num_classes=10, width=0.5,
+                              quant=parse_spec("w4a4_fl8_static",
+                                               first=models.FIRST_LAYER,
+                                               last=models.LAST_LAYER))
+  v = calibrated(model, x)
+  proto = ox.to_onnx(model, v, x, call_kwargs=EVAL, requantize=requantize)
+  fused = ox.fused_ops(proto, str(tmp_path / "opt.onnx"))
+  assert fused.get("QLinearConv", 0) == fused_convs
+  assert fused.get("QLinearConv", 0) + fused.get("Conv", 0) + fused.get(
+      "FusedConv", 0) == 9
+  (y,) = ox.session(proto).run(None, {ox.INPUT: x})
+  want = int_logits(model, v, x)
+  if not requantize:  # float rounding and ORT's int32 bias of the 3 fused
+    np.testing.assert_allclose(y, want, atol=0.05 * np.abs(want).max())
+  assert np.mean(y.argmax(-1) == want.argmax(-1)) >= 0.9
+
+
+def test_unknown_op_is_refused_naming_it_and_the_module():
+  class Sorts(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Dense(4, name="proj")(x)
+      return jnp.sort(x, axis=-1)
+
+  x = np.ones((2, 3), np.float32)
+  model = Sorts()
+  with pytest.raises(ValueError, match=r"'sort' \(in module 'Sorts'\)"):
+    ox.to_onnx(model, model.init(jax.random.PRNGKey(0), x), x)
+
+
+def test_unsupported_layer_configs_are_refused_before_writing(tmp_path):
+  x = np.random.default_rng(4).normal(size=(2, 8)).astype(np.float32)
+  grouped = LayerQuant(TensorQuant("uniform", 4, granularity="per_group",
+                                   group_size=4),
+                       TensorQuant("uniform", 8, grid="full",
+                                   calibration="static"))
+  model = quantize_model(nn.Dense(4), [(".*", grouped)])
+  v = calibrated_dense(model, x)
+  with pytest.raises(ValueError, match="per_group weight scales"):
+    ox.to_onnx(model, v, x)
+  aqt = LayerQuant(TensorQuant("uniform", 8, granularity="per_channel"),
+                   TensorQuant("uniform", 8, grid="aqt",
+                               granularity="per_channel"))
+  model = quantize_model(nn.Dense(4), [(".*", aqt)])
+  with pytest.raises(ValueError, match="granularity='per_channel'"):
+    ox.to_onnx(model, model.init(jax.random.PRNGKey(0), x), x)
+  assert not list(tmp_path.iterdir())
+
+
+def calibrated_dense(model, x):
+  v = model.init(jax.random.PRNGKey(0), x)
+  _, upd = model.apply(v, x, mutable=["quant_stats"])
+  return {**v, **upd}
+
+
+@pytest.fixture(scope="module")
+def digits_model():
+  """The CNN at w4a4 (first / last layer 8-bit), static input ranges,
+  trained by QAT for 300 Adam steps on scikit-learn's digits (1,400 train
+  images); the 397 others are the test images."""
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  d = load_digits()
+  images = (d.images / 16.0).astype(np.float32)[..., None] - 0.5
+  xtr, ytr, xte, yte = images[:1400], d.target[:1400], images[1400:], d.target[
+      1400:]
+  model = quantize_model(CNN(), cnn_quant())
+  v = model.init(jax.random.PRNGKey(0), xtr[:32], **EVAL)
+  params, rest = v["params"], {k: c for k, c in v.items() if k != "params"}
+  tx = optax.adam(3e-3)
+  opt = tx.init(params)
+
+  @jax.jit
+  def step(params, rest, opt, x, y):
+    def loss(p):
+      out, upd = model.apply({"params": p, **rest}, x, train=True,
+                             mutable=["batch_stats", "quant_stats"])
+      return optax.softmax_cross_entropy_with_integer_labels(out, y).mean(), (
+          upd)
+    (_, upd), g = jax.value_and_grad(loss, has_aux=True)(params)
+    u, opt = tx.update(g, opt, params)
+    return optax.apply_updates(params, u), {**rest, **upd}, opt
+
+  rng = np.random.default_rng(0)
+  for _ in range(300):
+    idx = rng.integers(0, len(xtr), 64)
+    params, rest, opt = step(params, rest, opt, xtr[idx], ytr[idx])
+  return model, {"params": params, **rest}, xtr, xte, yte
+
+
+@pytest.mark.parametrize("requantize", [False, True])
+def test_ort_predicts_as_qat_eval_on_real_images(digits_model, requantize,
+                                                 tmp_path):
+  """On ORT with its fused integer kernels (and its int32 biases), the
+  exported model predicts as QAT eval on the digits test images."""
+  model, v, xtr, xte, yte = digits_model
+  qat = np.asarray(model.apply(v, xte, **EVAL))
+  acc = np.mean(qat.argmax(-1) == yte)
+  assert acc > 0.85  # it learned
+  proto = ox.to_onnx(model, v, xte[:64], call_kwargs=EVAL,
+                     requantize=requantize, calibration=xtr[:256])
+  path = str(tmp_path / "m.onnx")
+  ox.save(proto, path)
+  (y,) = ox.session(onnx.load(path)).run(None, {ox.INPUT: xte})
+  agree = np.mean(y.argmax(-1) == qat.argmax(-1))
+  # ORT rounds each bias to its int32 grid (scale s_x * s_w) and, with
+  # requantize, each pre-residual conv output to int8; at 4 bits a few
+  # values then land one level apart (a translation error would disagree
+  # on most images: see the unoptimized checks above).
+  assert agree >= (0.97 if requantize else 0.985), agree
+  assert abs(np.mean(y.argmax(-1) == yte) - acc) <= 0.02
+  fused = ox.fused_ops(proto, str(tmp_path / "opt.onnx"))
+  assert fused.get("QLinearConv", 0) == (2 if requantize else 1)
+  assert fused.get("QGemm", 0) == 1  # Dense_0: its ReLU output is quantized
