@@ -46,9 +46,23 @@ def require_local_fashion_mnist() -> None:
 def fashion_mnist_dir(tmp_path_factory):
   """A fresh TFDS data dir with Fashion-MNIST built offline (about 20 s)
   from the Debian package's IDX files (`require_local_fashion_mnist`: where
-  they are absent, fails under CI and skips elsewhere)."""
+  they are absent, fails under CI and skips elsewhere). Built once per test
+  run: pytest-xdist workers share it (the first builds it under a lock, the
+  others wait for it), read-only from then on."""
+  import fcntl  # pylint: disable=g-import-not-at-top
   from aqt_ext import data  # pylint: disable=g-import-not-at-top
   require_local_fashion_mnist()
-  data_dir = tmp_path_factory.mktemp("tfds")
-  data.ensure_prepared("fashion_mnist", data_dir)
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # the run's directory, above each worker's own
+  data_dir = root / "tfds_shared"
+  with open(root / "tfds_shared.lock", "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      if not (data_dir / "READY").exists():
+        data_dir.mkdir(exist_ok=True)
+        data.ensure_prepared("fashion_mnist", data_dir)
+        (data_dir / "READY").touch()
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
   return data_dir

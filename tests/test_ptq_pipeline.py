@@ -156,10 +156,9 @@ def test_border_one_half_in_the_layers_is_round_to_nearest():
       jnp.max(jnp.abs(rtn))))
   # Every layer with a quantized input has its border parameters.
   assert (jax.tree.map(jnp.shape, pipeline.with_borders(calibrated, half)[
-      pipeline.AQUANT]) == jax.tree.map(lambda s: s.shape,
-                                        border.init(jax.random.key(0),
-                                                    images[0], train=False)[
-                                                        pipeline.AQUANT]))
+      pipeline.AQUANT]) == jax.tree.map(lambda s: s.shape, jax.eval_shape(
+          functools.partial(border.init, train=False), jax.random.key(0),
+          images[0])[pipeline.AQUANT]))
 
 
 @pytest.mark.parametrize("execution", ["fake", "int"])

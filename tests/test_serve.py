@@ -14,6 +14,7 @@ import optax
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+import aqt_ext
 from aqt_ext import models, serve
 from aqt_ext.config import LayerQuant, TensorQuant, parse_spec
 from aqt_ext.linen.rules import quantize_model
@@ -216,9 +217,25 @@ def test_layout_version_is_checked(exported, tmp_path):
         serve.load(str(copy), resnet(), X[:8], call_kwargs=EVAL)(X[:8]), ref)
 
 
+class SmallCNN(nn.Module):
+  """conv_init -> conv (BatchNorm, stride 2) -> head: the zoo's first and
+  last layer names around one middle layer (DQ compiles per layer, and one
+  middle layer shows what every middle layer does)."""
+
+  quant: Any = None
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    q = dict(quant=self.quant)
+    x = nn.relu(aqt_ext.QuantConv(8, (3, 3), name="conv_init", **q)(x))
+    x = aqt_ext.QuantConv(16, (3, 3), strides=(2, 2), name="conv", **q)(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn")(x))
+    return aqt_ext.QuantDense(10, name="head", **q)(x.mean(axis=(1, 2)))
+
+
 def dq_model(spec):
-  return resnet(quant=parse_spec(spec, first=models.FIRST_LAYER,
-                                 last=models.LAST_LAYER))
+  return SmallCNN(quant=parse_spec(spec, first=models.FIRST_LAYER,
+                                   last=models.LAST_LAYER))
 
 
 def served_vs_qat(model, variables, directory):

@@ -132,7 +132,7 @@ def test_newest_python_that_runs_is_used_and_a_venv_of_another_is_remade(
   run = run_setup(repo, path, SETUP_DATASET_DIR=str(repo / "data"))
   assert run.returncode == 0, run.stderr
   assert f"creating .venv with {stubs}/python3.12 (Python 3.12)" in run.stdout
-  assert ("-m pip install -q -c scripts/constraints.txt -e .[train,test]"
+  assert ("-m pip install -q -c scripts/constraints.txt -e .[train,test,serve]"
           in calls.read_text())
   (repo / ".venv" / "marker").touch()
   rerun = run_setup(repo, path, SETUP_DATASET_DIR=str(repo / "data"))
@@ -145,7 +145,7 @@ def test_newest_python_that_runs_is_used_and_a_venv_of_another_is_remade(
           in rerun.stdout)
   assert not (repo / ".venv" / "marker").exists()
   assert ("-m pip install -q -c scripts/constraints-py311.txt -e "
-          ".[train,test]" in calls.read_text())
+          ".[train,test,serve]" in calls.read_text())
   (stubs / "python3.11").unlink()
   none = run_setup(repo, path, SETUP_DATASET_DIR=str(repo / "data"))
   assert none.returncode == 1

@@ -236,8 +236,10 @@ class _Builder:
   """Walks a jaxpr and emits ONNX nodes (see the module docstring)."""
 
   def __init__(self, records: Sequence[serve.IntLayer],
-               requant_scales: Mapping[int, float] | None = None):
+               requant_scales: Mapping[int, float] | None = None,
+               widen: bool = True):
     self.records = records
+    self.widen = widen
     self.requant = dict(requant_scales or {})
     self.nodes: list = []
     self.inits: list = []
@@ -352,9 +354,14 @@ class _Builder:
                        f"{np.shape(rec.kernel.qp.scale)} is not per output "
                        "channel or per tensor")
     mul, add = p.mul.astype(np.float64), p.add.astype(np.float64)
+    # Each output channel's integers times k_c = floor(127 / max |w_c|) and
+    # its scale over k_c: the same weights, but ORT's int32 bias (rounded to
+    # s_x * s_w) gets a k_c times finer grid (15x at 4 bits).
+    amax = np.abs(ints.reshape(-1, out)).max(axis=0)
+    k = np.maximum(127 // np.maximum(amax, 1), 1) if self.widen else 1
     sign = np.where(mul < 0, -1, 1)
-    ints = ints * sign  # the integers stay as trained, up to their sign
-    scale = (ws.astype(np.float64) * np.abs(mul)).astype(np.float32)
+    ints = ints * (sign * k)  # the trained integers, up to sign and k
+    scale = (ws.astype(np.float64) * np.abs(mul) / k).astype(np.float32)
     bias = np.zeros((out,)) if rec.bias is None else np.asarray(
         rec.bias, np.float64)
     bias = (bias * mul + add).astype(np.float32)
