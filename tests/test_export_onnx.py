@@ -245,3 +245,26 @@ def test_ort_predicts_as_qat_eval_on_real_images(digits_model, requantize,
   fused = ox.fused_ops(proto, str(tmp_path / "opt.onnx"))
   assert fused.get("QLinearConv", 0) == (2 if requantize else 1)
   assert fused.get("QGemm", 0) == 1  # Dense_0: its ReLU output is quantized
+
+
+def test_command_refuses_bad_flags_before_any_work(tmp_path):
+  """`python -m aqt_ext.export`: a bad flag is named with what is allowed,
+  and nothing is written."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+  out = tmp_path / "m.onnx"
+
+  def run(*flags):
+    return subprocess.run([sys.executable, "-m", "aqt_ext.export", *flags],
+                          cwd=root, capture_output=True, text=True)
+
+  r = run(f"--workdir={tmp_path}", "--format=tflite", f"--out={out}")
+  assert r.returncode != 0 and "--format='tflite' is not allowed" in r.stderr
+  assert "allowed values: onnx" in r.stderr
+  r = run(f"--workdir={tmp_path}", f"--out={out}")
+  assert r.returncode != 0 and "holds no config.json" in r.stderr
+  (tmp_path / "config.json").write_text("{}")
+  r = run(f"--workdir={tmp_path}", f"--out={tmp_path / 'm.txt'}")
+  assert r.returncode != 0 and "paths ending in .onnx" in r.stderr
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]

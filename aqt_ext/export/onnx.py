@@ -224,10 +224,6 @@ def _sub_jaxpr(eqn) -> jex.ClosedJaxpr | jex.Jaxpr:
   raise KeyError(eqn.primitive.name)
 
 
-def _np_dtype(dtype) -> np.dtype:
-  return np.dtype(dtype)
-
-
 def _onnx_dtype(dtype) -> int:
   return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 
