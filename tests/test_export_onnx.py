@@ -268,3 +268,24 @@ def test_command_refuses_bad_flags_before_any_work(tmp_path):
   r = run(f"--workdir={tmp_path}", f"--out={tmp_path / 'm.txt'}")
   assert r.returncode != 0 and "paths ending in .onnx" in r.stderr
   assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+
+
+def test_asymmetric_input_grid_keeps_its_zero_point():
+  """A static asymmetric 4-bit input (zero point > 0 for inputs with
+  negative values): the uint8 integers are clipped to the grid [0, 15]
+  with the zero point inside, as QAT's quantizer does."""
+  x = np.random.default_rng(5).normal(size=(16, 6)).astype(np.float32)
+  asym = LayerQuant(TensorQuant("uniform", 4, granularity="per_channel"),
+                    TensorQuant("uniform", 4, grid="asymmetric",
+                                calibration="static"))
+  model = quantize_model(nn.Dense(3), [(".*", asym)])
+  v = calibrated_dense(model, x)
+  proto = ox.to_onnx(model, v, x)
+  zps = [onnx.numpy_helper.to_array(t) for t in proto.graph.initializer
+         if t.name.endswith("input_zero_point")]
+  assert len(zps) == 1 and 0 < int(zps[0]) < 15
+  (y,) = unoptimized(proto).run(None, {ox.INPUT: x})
+  want = np.asarray(model.clone(quant=serve.int_execution(model.quant)).apply(
+      v, x))
+  np.testing.assert_allclose(y, want, rtol=1e-5,
+                             atol=1e-5 * np.abs(want).max())

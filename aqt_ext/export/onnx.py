@@ -334,10 +334,10 @@ class _Builder:
     q = self.node("QuantizeLinear", [x.name, sx, zx], hint + ".q")
     info = np.iinfo(ctype)
     if (lo, hi) != (info.min, info.max):
-      q = self.node("Clip", [q, self.const(ctype(lo + zp) if unsigned else
-                                           ctype(lo), hint + ".qmin"),
-                             self.const(ctype(hi + zp) if unsigned else
-                                        ctype(hi), hint + ".qmax")],
+      # The grid's range bounds q itself (zero point included), as in
+      # `qz.quantize`.
+      q = self.node("Clip", [q, self.const(ctype(lo), hint + ".qmin"),
+                             self.const(ctype(hi), hint + ".qmax")],
                     hint + ".clip")
     dq = self.node("DequantizeLinear", [q, sx, zx], hint + ".dq")
     ints = np.asarray(rec.kernel.ints).astype(np.int32)
