@@ -236,11 +236,10 @@ def test_ort_predicts_as_qat_eval_on_real_images(digits_model, requantize,
   ox.save(proto, path)
   (y,) = ox.session(onnx.load(path)).run(None, {ox.INPUT: xte})
   agree = np.mean(y.argmax(-1) == qat.argmax(-1))
-  # ORT rounds each bias to its int32 grid (scale s_x * s_w) and, with
-  # requantize, each pre-residual conv output to int8; at 4 bits a few
-  # values then land one level apart (a translation error would disagree
-  # on most images: see the unoptimized checks above).
-  assert agree >= (0.97 if requantize else 0.985), agree
+  # The exact graph: every image. The fast one requantizes the conv
+  # outputs QAT keeps float to int8; at 4 bits a few values then land one
+  # level apart (a translation error would disagree on most images).
+  assert agree >= (0.97 if requantize else 0.995), agree
   assert abs(np.mean(y.argmax(-1) == yte) - acc) <= 0.02
   fused = ox.fused_ops(proto, str(tmp_path / "opt.onnx"))
   assert fused.get("QLinearConv", 0) == (2 if requantize else 1)
