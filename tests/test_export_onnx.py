@@ -143,9 +143,11 @@ def test_resnet_convs_fuse_into_integer_kernels(resnet8, requantize,
   assert fused.get("QLinearConv", 0) + fused.get("Conv", 0) + fused.get(
       "FusedConv", 0) == 9
   (y,) = ox.session(proto).run(None, {ox.INPUT: x})
-  if not requantize:  # float rounding and ORT's int32 bias of the 3 fused
-    np.testing.assert_allclose(y, want, atol=0.05 * np.abs(want).max())
-  assert np.mean(y.argmax(-1) == want.argmax(-1)) >= 0.9
+  # The exact graph: float rounding (measured 1.5e-7 of the largest logit).
+  # The fast one: its int8 requantization of 6 conv outputs moves logits of
+  # this random model by a few percent (measured 6.8 %).
+  tol = 0.3 if requantize else 1e-4
+  np.testing.assert_allclose(y, want, atol=tol * np.abs(want).max())
 
 
 def test_unknown_op_is_refused_naming_it_and_the_module():
