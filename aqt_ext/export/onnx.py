@@ -254,7 +254,7 @@ class _Builder:
     self.nodes: list = []
     self.inits: list = []
     self.names: set[str] = set()
-    self.emitted: dict[int, _T] = {}  # id(pending) -> its tensor
+    self.emitted: dict[int, tuple] = {}  # id(pending) -> (it, its tensor)
     self.layer_outputs: dict[int, _T] = {}  # record index -> conv output
     self.batch = None
 
@@ -287,9 +287,9 @@ class _Builder:
     if isinstance(v, _T):
       return v
     if isinstance(v, _Pending):
-      if id(v) not in self.emitted:
-        self.emitted[id(v)] = self.emit_layer(v)
-      return self.emitted[id(v)]
+      if id(v) not in self.emitted:  # (kept with v: its id stays v's)
+        self.emitted[id(v)] = (v, self.emit_layer(v))
+      return self.emitted[id(v)][1]
     a = np.asarray(v)
     if a.dtype == np.float64:
       a = a.astype(np.float32)
@@ -467,8 +467,7 @@ class _Builder:
       return [_Pending(self.tensor(x, where), index,
                        tuple(eqn.outvars[0].aval.shape), np.ones((out,)),
                        np.zeros((out,)))]
-    if all(not isinstance(v, (_T, _Pending)) for v in ins) and (
-        prim != _INT_LAYER.name):
+    if all(not isinstance(v, (_T, _Pending)) for v in ins):
       return self.fold(eqn, ins, where)
     if prim in _CALLS:
       sub = _sub_jaxpr(eqn)
