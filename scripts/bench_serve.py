@@ -94,7 +94,7 @@ def calibrated(model, variables, x) -> dict:
   return {**variables, "quant_stats": upd["quant_stats"]}
 
 
-def make_variant(name: str, x, workdir: str):
+def make_variant(name: str, x, workdir: str, threads: int):
   """(forward fn of x, weight bytes, file bytes, fused node count)."""
   spec = VARIANTS[name]
   model = make_model(spec)
@@ -106,7 +106,7 @@ def make_variant(name: str, x, workdir: str):
     path = f"{workdir}/{name}.onnx"
     ox.save(proto, path)
     fused = ox.fused_ops(proto, f"{workdir}/{name}.opt.onnx")
-    sess = ox.session(proto, threads=THREADS[0])
+    sess = ox.session(proto, threads=threads)
     fn = lambda a: sess.run(None, {ox.INPUT: np.asarray(a)})[0]  # noqa: E731
     inits = sum(np.asarray(numpy_helper.to_array(t)).nbytes
                 for t in proto.graph.initializer)
@@ -122,9 +122,6 @@ def make_variant(name: str, x, workdir: str):
           result.served_bytes, None, None)
 
 
-THREADS = [2]
-
-
 def block(y):
   return jax.block_until_ready(y) if isinstance(y, jax.Array) else y
 
@@ -136,7 +133,6 @@ def main():
   ap.add_argument("--threads", type=int, default=2)
   ap.add_argument("--variants", default=",".join(VARIANTS))
   args = ap.parse_args()
-  THREADS[0] = args.threads
   names = args.variants.split(",")
   for name in names:
     if name not in VARIANTS:
@@ -151,7 +147,7 @@ def main():
     names = ["float"] + [n for n in names if n != "float"]
   rows = []
   for batch in batches:
-    rows += bench(names, batch, args.rounds)
+    rows += bench(names, batch, args.rounds, args.threads)
   print(f"\n{jax.devices()[0].device_kind} ({jax.device_count()} device, "
         f"{os.cpu_count()} CPUs), cifar_resnet20 28x28x1, {args.rounds} "
         f"interleaved rounds, median; ORT {args.threads} threads:")
@@ -164,14 +160,14 @@ def main():
           f"{'-' if r['fused'] is None else r['fused']:>5}")
 
 
-def bench(names, batch: int, rounds: int) -> list[dict]:
+def bench(names, batch: int, rounds: int, threads: int) -> list[dict]:
   x = jnp.asarray(np.random.default_rng(1).normal(
       size=(batch, 28, 28, 1)), jnp.float32)
   fns, nbytes, fbytes, fused, compile_s = {}, {}, {}, {}, {}
   with tempfile.TemporaryDirectory() as workdir:
     for name in names:
       fns[name], nbytes[name], fbytes[name], fused[name] = make_variant(
-          name, x, workdir)
+          name, x, workdir, threads)
       t = time.perf_counter()
       block(fns[name](x))
       compile_s[name] = time.perf_counter() - t
