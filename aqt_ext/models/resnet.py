@@ -41,12 +41,13 @@ import jax
 import jax.numpy as jnp
 
 from aqt_ext.config import ModelQuant
+from aqt_ext.core import initializers
 from aqt_ext.linen.layers import QuantConv, QuantDense
 
 ModuleDef = Callable[..., nn.Module]
 
 # He normal, fan-out (as torchvision / TF official ResNets).
-conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+conv_kernel_init = initializers.variance_scaling(2.0, "fan_out", "normal")
 
 # ImageNet ResNet depth -> (blocks per stage, block kind).
 IMAGENET_STAGES: dict[int, tuple[tuple[int, ...], str]] = {

@@ -37,8 +37,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from aqt_ext.config import LayerQuant, ModelQuant
-from aqt_ext.core import contract, int_ops
+from aqt_ext.core import contract, initializers, int_ops
 from aqt_ext.core.context import AQUANT, LOSSES, PARAMS, STATS
+
+# nnx's default lecun_normal, drawn flat: the same values, compiled in a
+# fraction of the time for conv kernels (`aqt_ext.core.initializers`).
+_KERNEL_INIT = initializers.lecun_normal()
 
 
 class QuantStat(nnx.Variable):
@@ -216,6 +220,7 @@ class QuantConv(QuantLayer, nnx.Conv):
   def __init__(self, in_features: int, out_features: int, kernel_size,
                strides=1, *, quant: LayerQuant | ModelQuant = LayerQuant(),
                **kwargs):
+    kwargs.setdefault("kernel_init", _KERNEL_INIT)
     super().__init__(in_features, out_features, kernel_size, strides,
                      **kwargs)
     if self.mask is not None:
@@ -245,6 +250,7 @@ class QuantEinsum(QuantLayer, nnx.Einsum):
 
   def __init__(self, einsum_str: str, kernel_shape, bias_shape=None, *,
                quant: LayerQuant | ModelQuant = LayerQuant(), **kwargs):
+    kwargs.setdefault("kernel_init", _KERNEL_INIT)
     super().__init__(einsum_str, kernel_shape, bias_shape, **kwargs)
     self._init_quant(quant)
 
