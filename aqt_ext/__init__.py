@@ -11,8 +11,8 @@ never loads flax.
 
 import importlib
 
-from aqt_ext.config import (LayerQuant, ModelQuant, TensorQuant, layer_preset,
-                            parse_spec)
+from aqt_ext.config import (GradQuant, LayerQuant, ModelQuant, TensorQuant,
+                            layer_preset, parse_spec)
 
 # Submodules imported on first attribute access.
 SUBMODULES = ("config", "core", "cost", "data", "linen", "models", "nnx",
@@ -20,7 +20,8 @@ SUBMODULES = ("config", "core", "cost", "data", "linen", "models", "nnx",
 # Names of the linen API, imported from aqt_ext.linen on first access.
 LINEN_NAMES = ("QuantConv", "QuantDense", "QuantEinsum", "quantize_model")
 
-__all__ = ["LayerQuant", "ModelQuant", "TensorQuant", "layer_preset",
+__all__ = ["GradQuant", "LayerQuant", "ModelQuant", "TensorQuant",
+           "layer_preset",
            "parse_spec", *LINEN_NAMES]
 __version__ = "0.1.0"
 

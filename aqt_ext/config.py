@@ -33,9 +33,13 @@ from aqt_ext.core.methods import REGISTRY
 METHODS = REGISTRY.names()
 GRIDS = ("full", "restricted", "aqt", "unsigned", "asymmetric")
 GRANULARITIES = ("per_tensor", "per_channel", "per_in_channel", "per_group")
-CALIBRATIONS = ("dynamic", "static")
+CALIBRATIONS = ("dynamic", "static", "delayed")
+FP8_FORMATS = ("e4m3", "e5m2")
 ROUNDINGS = ("half_even", "half_away", "border")
 EXECUTIONS = ("fake", "int")
+GRAD_FORMATS = ("float", "int", "e4m3", "e5m2")
+GRAD_GRANULARITIES = ("per_tensor", "per_channel")
+GRAD_ROUNDINGS = ("nearest", "stochastic")
 LSQ_INITS = ("data",)
 DQ_INITS = ("kmeans", "uniform")
 DQ_UPDATES = ("direct", "latent_ste")
@@ -98,6 +102,12 @@ class TensorQuant:
     dq_update: how DQ weights train: ``direct`` (level positions updated
       directly) or ``latent_ste`` (latent float weights, straight-through);
       `aqt_ext.core.dq`.
+    fp8_format: the float8 format of method ``fp8``: ``e4m3``
+      (``float8_e4m3fn``, largest 448) or ``e5m2`` (largest 57344).
+    amax_history: steps of absmax history of ``calibration='delayed'``
+      (method ``fp8``, inputs, per tensor: the scale comes from the largest
+      absmax of the previous steps, as fp8 training recipes' delayed
+      scaling; `aqt_ext.core.fp8`).
   """
 
   method: str = "float"
@@ -112,9 +122,17 @@ class TensorQuant:
   dq_init: str = "kmeans"
   dq_err_weight: float = 1.0
   dq_update: str = "direct"
+  fp8_format: str = "e4m3"
+  amax_history: int = 16
 
   def __post_init__(self):
     c = "TensorQuant"
+    _check_choice(c, "fp8_format", self.fp8_format, FP8_FORMATS)
+    if (isinstance(self.amax_history, bool)
+        or not isinstance(self.amax_history, int)):
+      raise ValueError(f"{c}.amax_history={self.amax_history!r} must be an "
+                       "int >= 1")
+    _check_range(c, "amax_history", self.amax_history, 1, 1 << 20)
     _check_choice(c, "method", self.method, METHODS)
     _check_choice(c, "grid", self.grid, GRIDS)
     _check_choice(c, "granularity", self.granularity, GRANULARITIES)
@@ -164,6 +182,16 @@ class TensorQuant:
           f"{c}.calibration='static' is not allowed with method="
           f"{self.method!r}; allowed methods: "
           f"{', '.join(repr(n) for n in METHODS if REGISTRY.get(n).static)}")
+    if self.calibration == "delayed" and not m.delayed:
+      raise ValueError(
+          f"{c}.calibration='delayed' is not allowed with method="
+          f"{self.method!r}; allowed methods: "
+          f"{', '.join(repr(n) for n in METHODS if REGISTRY.get(n).delayed)}")
+    if self.calibration == "delayed" and self.granularity != "per_tensor":
+      raise ValueError(
+          f"{c}.granularity={self.granularity!r} is not allowed with "
+          "calibration='delayed' (one absmax history per tensor); allowed "
+          "values: 'per_tensor'")
     if self.calibration == "static" and self.granularity not in (
         "per_tensor", "per_in_channel"):
       raise ValueError(
@@ -183,6 +211,71 @@ FLOAT = TensorQuant()
 
 
 @dataclasses.dataclass(frozen=True)
+class GradQuant:
+  """Quantization of one gradient contraction of a layer (AQT's dlhs and
+  drhs): the upstream gradient g and the forward operand it meets.
+
+  ``LayerQuant.grad_input`` computes dL/dx = g . kernel, ``grad_weight``
+  dL/dkernel = x . g; each quantizes both of its operands and contracts them
+  on their grid (int8 with int32 accumulation, or fp8 with float32
+  accumulation), then rescales (`aqt_ext.core.backward`).
+
+  Attributes:
+    format: ``float`` (the exact gradient), ``int`` (``bits``-bit integers,
+      AQT's grid: absmax to 2^(b-1)-0.5, clipped to +-(2^(b-1)-1)), or
+      ``e4m3`` / ``e5m2`` (fp8, absmax to the format's largest value,
+      saturating; e5m2 is the usual gradient format).
+    bits: integer width, 2..8 (``int`` only; default 8).
+    granularity: ``per_channel`` (one scale per index of the axes the
+      gradient contraction does not sum over: AQT's calibration over the
+      contracting axes) or ``per_tensor``.
+    rounding: ``nearest`` (half to even) or ``stochastic`` (of the gradient
+      operand g only: unbiased, from the ``'quant'`` PRNG stream the training
+      loop threads through).
+    use_fwd_quant: contract g with the forward's quantized operand, its
+      scale moved into g (AQT's ``use_fwd_quant``; needs the operand on an
+      integer grid of one scale per channel or tensor); else with the
+      forward operand's float value.
+  """
+
+  format: str = "float"
+  bits: int | None = None
+  granularity: str = "per_channel"
+  rounding: str = "nearest"
+  use_fwd_quant: bool = True
+
+  def __post_init__(self):
+    c = "GradQuant"
+    _check_choice(c, "format", self.format, GRAD_FORMATS)
+    _check_choice(c, "granularity", self.granularity, GRAD_GRANULARITIES)
+    _check_choice(c, "rounding", self.rounding, GRAD_ROUNDINGS)
+    _check_choice(c, "use_fwd_quant", self.use_fwd_quant, (True, False))
+    if self.format == "int":
+      if self.bits is None:
+        object.__setattr__(self, "bits", 8)
+      if not isinstance(self.bits, int) or isinstance(self.bits, bool):
+        raise ValueError(f"{c}.bits={self.bits!r} must be an int in "
+                         f"[{MIN_BITS}, {MAX_BITS}] for format='int'")
+      _check_range(c, "bits", self.bits, MIN_BITS, MAX_BITS)
+    elif self.bits is not None:
+      raise ValueError(f"{c}.bits={self.bits!r} must be None for "
+                       f"format={self.format!r} (bits belong to 'int')")
+    if self.format == "float" and self.rounding != "nearest":
+      raise ValueError(f"{c}.rounding={self.rounding!r} needs a quantized "
+                       "format; allowed formats: 'int', 'e4m3', 'e5m2'")
+
+  @property
+  def quantized(self) -> bool:
+    return self.format != "float"
+
+  def replace(self, **kw) -> "GradQuant":
+    return dataclasses.replace(self, **kw)
+
+
+FLOAT_GRAD = GradQuant()
+
+
+@dataclasses.dataclass(frozen=True)
 class LayerQuant:
   """Quantization of one layer: its kernel and its input.
 
@@ -192,12 +285,18 @@ class LayerQuant:
     execution: ``fake`` (quantize-dequantize, float op; for training) or
       ``int`` (integer operands through ``lax.dot_general`` /
       ``lax.conv_general_dilated`` with int32 accumulation, rescaled after;
-      for inference).
+      for inference, or with a quantized backward pass for fully quantized
+      training: AQT's ``fully_quantized``).
+    grad_input: how the gradient wrt the layer input is computed (AQT's
+      dlhs; `GradQuant`, default exact).
+    grad_weight: the same for the gradient wrt the kernel (AQT's drhs).
   """
 
   weight: TensorQuant = FLOAT
   input: TensorQuant = FLOAT
   execution: str = "fake"
+  grad_input: GradQuant = FLOAT_GRAD
+  grad_weight: GradQuant = FLOAT_GRAD
 
   def __post_init__(self):
     c = "LayerQuant"
@@ -206,6 +305,11 @@ class LayerQuant:
         raise TypeError(f"{c}.{name} must be a TensorQuant, got "
                         f"{type(getattr(self, name)).__name__}")
     _check_choice(c, "execution", self.execution, EXECUTIONS)
+    for name in ("grad_input", "grad_weight"):
+      if not isinstance(getattr(self, name), GradQuant):
+        raise TypeError(f"{c}.{name} must be a GradQuant, got "
+                        f"{type(getattr(self, name)).__name__}")
+    self._check_backward()
     w = self.weight
     if not REGISTRY.get(w.method).weights:
       raise ValueError(
@@ -236,17 +340,50 @@ class LayerQuant:
               "contraction); allowed: 'per_tensor', 'per_channel', "
               "'per_group'")
 
+  def _check_backward(self) -> None:
+    c = "LayerQuant"
+    if not self.quantized_backward:
+      return
+    # grad_input meets the kernel, grad_weight the input.
+    for name, operand in (("grad_input", "weight"), ("grad_weight", "input")):
+      gq, tq = getattr(self, name), getattr(self, operand)
+      if not (gq.quantized and gq.use_fwd_quant and tq.quantized):
+        continue
+      m = REGISTRY.get(tq.method)
+      if not m.int_execution or tq.granularity not in ("per_tensor",
+                                                       "per_channel"):
+        raise ValueError(
+            f"{c}.{name}.use_fwd_quant=True needs the forward {operand} on "
+            "an integer grid with one scale per tensor or channel; got "
+            f"{operand}.method={tq.method!r}, granularity="
+            f"{tq.granularity!r}. Allowed: methods "
+            f"{', '.join(map(repr, REGISTRY.int_executable()))} with "
+            f"granularity 'per_tensor' or 'per_channel', or "
+            f"{name}.use_fwd_quant=False")
+
+  @property
+  def quantized_backward(self) -> bool:
+    """Whether either gradient contraction is quantized."""
+    return self.grad_input.quantized or self.grad_weight.quantized
+
   @property
   def weight_bits(self) -> int:
-    """Bits of a stored weight (16 for an unquantized kernel, as bf16)."""
-    return self.weight.bits if self.weight.quantized else 16
+    """Bits of a stored weight (16 for an unquantized kernel, as bf16;
+    8 for fp8)."""
+    return _bits_of(self.weight)
 
   @property
   def input_bits(self) -> int:
-    return self.input.bits if self.input.quantized else 16
+    return _bits_of(self.input)
 
   def replace(self, **kw) -> "LayerQuant":
     return dataclasses.replace(self, **kw)
+
+
+def _bits_of(tq: TensorQuant) -> int:
+  if tq.quantized:
+    return tq.bits
+  return REGISTRY.get(tq.method).fixed_bits or 16
 
 
 FLOAT_LAYER = LayerQuant()
@@ -356,16 +493,20 @@ def layer_preset(method: str, wbits: int | None, abits: int | None, *,
   return LayerQuant(w("uniform"), a("dq"))  # dqa
 
 
+_GRAD_SPEC = r"(?:_g(?P<g>\d+|e4m3|e5m2)(?P<sr>sr)?)?$"
 _SPEC_RE = re.compile(
     r"^(?:(?P<method>[a-z]+):)?w(?P<w>\d+|f)a(?P<a>\d+|f)"
-    r"(?:_fl(?P<fl>\d+|f))?(?P<static>_static)?$")
+    r"(?:_fl(?P<fl>\d+|f))?(?P<static>_static)?" + _GRAD_SPEC)
+_FP8_SPEC_RE = re.compile(
+    r"^fp8(?:_(?P<fmt>e4m3|e5m2))?(?P<delayed>_delayed)?" + _GRAD_SPEC)
 
 
 def parse_spec(spec: str, *, first: str | None = None,
                last: str | None = None) -> ModelQuant:
   """Builds a ModelQuant from a one-string spec.
 
-  Grammar: ``float`` | ``bf16`` | ``[METHOD:]wWaA[_flB][_static]`` where
+  Grammar: ``float`` | ``bf16`` | ``fp8[_FMT][_delayed][_gG[sr]]`` |
+  ``[METHOD:]wWaA[_flB][_static][_gG[sr]]`` where
   W, A, B are bit widths or ``f`` (float), METHOD one of `QUANT_METHODS`
   (default ``uniform``), and ``_flB`` puts the first and last layer at B bits
   with uniform quantization (the paper's "first/last at 8 bits"). `first` and
@@ -374,19 +515,37 @@ def parse_spec(spec: str, *, first: str | None = None,
   batch ranges while training, frozen in eval: ``calibration='static'``)
   instead of the current batch's, as integer deployment needs (one stored
   input scale per layer, e.g. the ONNX export's fused kernels).
+  ``fp8``: every layer's kernel (per output channel) and input (per tensor)
+  in float8 FMT, ``e4m3`` (default) or ``e5m2`` (`aqt_ext.core.fp8`);
+  ``_delayed``: inputs scaled by their amax history (delayed scaling).
+  ``_gG[sr]``: a quantized backward pass in every quantized layer, both
+  gradient contractions (`GradQuant`, per channel) in G: integer bits or
+  ``e4m3`` / ``e5m2``; ``sr`` rounds the gradient stochastically. Integer
+  gradients meet the forward's quantized operand where it is on an integer
+  grid (``use_fwd_quant``), fp8 gradients the operand's float value.
   Examples: ``w4a4``, ``lsq:w4a4_fl8``, ``aqt:w8a8``, ``wfa8``,
-  ``w4a4_fl8_static``.
+  ``w4a4_fl8_static``, ``aqt:w8a8_g8`` (AQT's fully quantized training, with
+  a fake-quant forward), ``w8a8_ge5m2sr``.
   """
   if spec == "float":
     return ModelQuant()
   if spec == "bf16":
     bf = TensorQuant(method="bf16")
     return ModelQuant(default=LayerQuant(bf, bf))
+  m = _FP8_SPEC_RE.match(spec)
+  if m:
+    fmt = m.group("fmt") or "e4m3"
+    lq = LayerQuant(
+        TensorQuant("fp8", fp8_format=fmt, granularity="per_channel"),
+        TensorQuant("fp8", fp8_format=fmt, calibration=(
+            "delayed" if m.group("delayed") else "dynamic")))
+    return ModelQuant(default=_grad_spec(spec, m, lq))
   m = _SPEC_RE.match(spec)
   if not m:
     raise ValueError(
-        f"quant spec {spec!r} is not valid; allowed: 'float', 'bf16' or "
-        "'[METHOD:]wWaA[_flB]' with METHOD in "
+        f"quant spec {spec!r} is not valid; allowed: 'float', 'bf16', "
+        "'fp8[_e4m3|_e5m2][_delayed][_gG[sr]]' or "
+        "'[METHOD:]wWaA[_flB][_static][_gG[sr]]' with METHOD in "
         f"{', '.join(QUANT_METHODS)} and W, A, B in 2..8 or 'f'")
   for group, what in (("w", "weight"), ("a", "input"),
                       ("fl", "first/last-layer")):
@@ -419,7 +578,43 @@ def parse_spec(spec: str, *, first: str | None = None,
           f"ranges static, and method {method!r} has none; allowed: a method "
           "with uniform inputs (uniform, pact's first layer, dqw, dqwste) or "
           "an '_flB' part")
+  default = _grad_spec(spec, m, default)
+  rules = [(p, _grad_spec(spec, m, lq)) for p, lq in rules]
   return ModelQuant(default=default, rules=tuple(rules))
+
+
+def _grad_spec(spec: str, m: re.Match, lq: LayerQuant) -> LayerQuant:
+  """`lq` with the spec's ``_gG[sr]`` part, if it has one."""
+  g = m.group("g")
+  if g is None:
+    return lq
+  if g.isdigit() and not MIN_BITS <= int(g) <= MAX_BITS:
+    raise ValueError(
+        f"quant spec {spec!r}: gradient bits {g} are out of range; allowed: "
+        f"{MIN_BITS}..{MAX_BITS}, 'e4m3' or 'e5m2'")
+  gq = GradQuant("int", int(g)) if g.isdigit() else GradQuant(g)
+  if m.group("sr"):
+    gq = gq.replace(rounding="stochastic")
+  return _with_grads(lq, gq)
+
+
+def _with_grads(lq: LayerQuant, gq: GradQuant) -> LayerQuant:
+  """`lq` with both gradient contractions quantized by `gq` (if it
+  quantizes anything), reusing a forward operand only where it is on an
+  integer grid that allows it."""
+  if lq.weight.method == "float" and lq.input.method == "float":
+    return lq
+
+  def reusable(tq: TensorQuant) -> bool:
+    # fp8 gradients meet the float operand: its forward integers would be
+    # rounded twice, to 8-bit integers and then to fp8.
+    return gq.format == "int" and tq.quantized and (
+        REGISTRY.get(tq.method).int_execution
+        and tq.granularity in ("per_tensor", "per_channel"))
+
+  return lq.replace(
+      grad_input=gq.replace(use_fwd_quant=reusable(lq.weight)),
+      grad_weight=gq.replace(use_fwd_quant=reusable(lq.input)))
 
 
 def _static_input(lq: LayerQuant) -> LayerQuant:

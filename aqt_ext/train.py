@@ -49,6 +49,7 @@ from aqt_ext import data as data_lib
 from aqt_ext import models
 from aqt_ext import nnx as aqt_nnx
 from aqt_ext.config import parse_spec
+from aqt_ext.core.contract import QUANT_RNG
 from aqt_ext.core.methods import REGISTRY
 
 # Learned quantizer parameters, and those of them under weight decay (with
@@ -285,11 +286,13 @@ class NnxModel:
     return nnx.merge(self.graphdef(x), *(variables.get(c, {})
                                          for c in NNX_COLLECTIONS))
 
-  def apply(self, variables: dict, x, train: bool = False, mutable=False):
+  def apply(self, variables: dict, x, train: bool = False, mutable=False,
+            rngs: dict | None = None):
     """Linen's ``apply``: the output, and with `mutable` (collection names)
     also those collections after the pass. As in linen, evaluation with
     ``quant_stats`` mutable updates the static ranges (PTQ calibration:
-    BatchNorm on its averages, the quantizers' EMA running)."""
+    BatchNorm on its averages, the quantizers' EMA running). ``rngs['quant']``
+    seeds stochastic rounding in the backward pass (`aqt_nnx.quant_key`)."""
     model = self.module(variables, x)
     if train:
       model.train()
@@ -298,7 +301,11 @@ class NnxModel:
       if mutable and "quant_stats" in mutable:
         for _, layer in aqt_nnx.quant_layers(model):
           layer.use_running_average = False
-    y = model(x)
+    if rngs and QUANT_RNG in rngs:
+      with aqt_nnx.quant_key(rngs[QUANT_RNG]):
+        y = model(x)
+    else:
+      y = model(x)
     if not mutable:
       return y
     losses = nnx.to_pure_dict(nnx.pop(model, aqt_nnx.QuantLoss))
@@ -372,12 +379,22 @@ def cross_entropy(logits, labels, num_classes: int, smoothing: float):
   return optax.softmax_cross_entropy(logits, onehot)
 
 
+# Folded into the run's key for the per-step keys of stochastic rounding.
+_SR_STREAM = 0x5352
+
+
 def train_step(state: TrainState, batch, *, num_classes, label_smoothing,
                schedule):
+  # Stochastic rounding in a quantized backward pass draws from the 'quant'
+  # stream: one key per step, reproducible from the seed (and on resume).
+  quant_key = jax.random.fold_in(jax.random.fold_in(state.rng, _SR_STREAM),
+                                 state.step)
+
   def loss_fn(params):
     logits, new = state.apply_fn(
         state.variables(params), batch["image"], train=True,
-        mutable=["batch_stats", "quant_stats", "quant_losses"])
+        mutable=["batch_stats", "quant_stats", "quant_losses"],
+        rngs={QUANT_RNG: quant_key})
     ce = cross_entropy(logits, batch["label"], num_classes,
                        label_smoothing).mean()
     aux = sum(jnp.sum(x) for x in jax.tree.leaves(new.get("quant_losses",

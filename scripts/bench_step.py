@@ -39,6 +39,12 @@ VARIANTS = {
     "lsq_w4a4": "lsq:w4a4",
     "pact_w4a4": "pact:w4a4",
     "dq_w4a4": "dq:w4a4",
+    # Quantized backward passes (issue 16): AQT numerics forward, then int8
+    # or fp8 gradient contractions (emulated on CPU).
+    "aqt_w8a8": "aqt:w8a8",
+    "aqt_w8a8_g8": "aqt:w8a8_g8",
+    "aqt_w8a8_g8sr": "aqt:w8a8_g8sr",
+    "aqt_w8a8_ge5m2": "aqt:w8a8_ge5m2",
     "nnx_float": "float",
     "nnx_uniform_w4a4": "w4a4",
     "nnx_lsq_w4a4": "lsq:w4a4",
@@ -104,7 +110,8 @@ def make_step(spec: str, batch, hand_ste: bool = False, nnx: bool = False):
         v["quant_stats"] = qstats
       apply = functools.partial(model.apply, v, batch["image"], train=True,
                                 mutable=["batch_stats", "quant_stats",
-                                         "quant_losses"])
+                                         "quant_losses"],
+                                rngs={"quant": jax.random.key(0)})
       if hand_ste:
         with nn.intercept_methods(_hand_ste_inputs):
           logits, new = apply()

@@ -67,6 +67,9 @@ class QuantContext(Protocol):
   def sow(self, collection: str, name: str, value: jax.Array) -> None:
     """Records `value` (appended to the values recorded under `name`)."""
 
+  def rng(self, stream: str) -> jax.Array | None:
+    """A fresh PRNG key of `stream`, or None where the caller gave none."""
+
 
 def layer_name(ctx: QuantContext) -> str:
   """The layer's path, quoted, for messages."""

@@ -3,9 +3,11 @@
 Each quantizes the layer's input and kernel by its `LayerQuant` (through
 `aqt_ext.core.methods.quantize_operand`) and contracts them: the float op on
 the fake-quantized values (``execution='fake'``), or the integer op of
-`aqt_ext.core.int_ops` (``execution='int'``). A linen and an NNX layer
-differ only in where their variables live, so on the same variables they
-compute the same values and gradients, bit for bit.
+`aqt_ext.core.int_ops` (``execution='int'``); with a quantized backward
+pass (``LayerQuant.grad_input`` / ``grad_weight``) the gradients come from
+`aqt_ext.core.backward`. A linen and an NNX layer differ only in where their
+variables live, so on the same variables they compute the same values and
+gradients, bit for bit.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from aqt_ext.core import int_ops
+from aqt_ext.core import backward, int_ops
 from aqt_ext.core import quantizers as qz
 from aqt_ext.core.context import QuantContext
 from aqt_ext.core.int_ops import Quantized
@@ -24,19 +26,44 @@ from aqt_ext.core.methods import quantize_operand
 from aqt_ext.core.operand import INPUT, WEIGHT
 
 
+# The PRNG stream of stochastic rounding in the backward pass.
+QUANT_RNG = "quant"
+
+
+def _backward_key(ctx: QuantContext, cfg: Any) -> jax.Array | None:
+  """The key of stochastic rounding, where the caller gave one (without,
+  the forward runs and a gradient is refused: `backward.contract`)."""
+  if not backward.needs_key(cfg.grad_input, cfg.grad_weight):
+    return None
+  return ctx.rng(QUANT_RNG)
+
+
 def quantized(ctx: QuantContext, cfg: Any, x: jax.Array, kernel: jax.Array,
               x_axes: qz.OperandAxes, w_axes: qz.OperandAxes,
               fake_op: Callable[[jax.Array, jax.Array], jax.Array],
-              int_op: Callable[[Quantized, Quantized], jax.Array]
-              ) -> jax.Array:
+              int_op: Callable[[Quantized, Quantized], jax.Array],
+              grad_op: Any = None) -> jax.Array:
   """Quantizes `x` and `kernel` by `cfg` and contracts them by `int_op` on
-  the integer operands (``cfg.execution == 'int'``), else by `fake_op`."""
+  the integer operands (``cfg.execution == 'int'``), else by `fake_op`;
+  with a quantized backward pass, `grad_op` (an `aqt_ext.core.backward`
+  contraction) computes the forward and its gradients."""
   want_int = cfg.execution == "int"
+  bwd = cfg.quantized_backward and grad_op is not None
+  gi, gw = cfg.grad_input, cfg.grad_weight
+  # With a quantized backward pass the operands keep their fake-quant value
+  # (what autodiff flows through) and their integers (for the integer
+  # forward, ``execution='int'``, and for ``use_fwd_quant``).
   x_q = quantize_operand(ctx, INPUT, x, cfg.input, x_axes, is_weight=False,
-                         want_int=want_int)
+                         want_int=want_int and not bwd,
+                         keep_ints=bwd and (want_int or gw.use_fwd_quant))
   w_q = quantize_operand(ctx, WEIGHT, kernel, cfg.weight, w_axes,
-                         is_weight=True, want_int=want_int)
-  return int_op(x_q, w_q) if want_int else fake_op(x_q.fake, w_q.fake)
+                         is_weight=True, want_int=want_int and not bwd,
+                         keep_ints=bwd and (want_int or gi.use_fwd_quant))
+  if not bwd:
+    return int_op(x_q, w_q) if want_int else fake_op(x_q.fake, w_q.fake)
+  return grad_op(x_q.fake, w_q.fake, backward.side(x, x_q),
+                 backward.side(kernel, w_q), _backward_key(ctx, cfg),
+                 int_op if want_int else None, ctx.path or ctx.layer_type)
 
 
 def dot_general(ctx: QuantContext, cfg: Any, x: jax.Array, kernel: jax.Array,
@@ -51,7 +78,12 @@ def dot_general(ctx: QuantContext, cfg: Any, x: jax.Array, kernel: jax.Array,
           a, w, dimension_numbers, precision=precision,
           preferred_element_type=preferred_element_type),
       lambda x_q, w_q: int_ops.int_dot_general(x_q, w_q, dimension_numbers,
-                                               x.dtype))
+                                               x.dtype),
+      lambda xf, wf, xs, ws, key, int_fwd, where: backward.contract(
+          backward.DotGeneral(dimension_numbers, x.ndim, kernel.ndim),
+          cfg.grad_input, cfg.grad_weight, xf, wf, xs, ws, key,
+          precision=precision, preferred_element_type=preferred_element_type,
+          int_forward=int_fwd, where=where))
 
 
 def conv(ctx: QuantContext, cfg: Any, x: jax.Array, kernel: jax.Array,
@@ -62,7 +94,11 @@ def conv(ctx: QuantContext, cfg: Any, x: jax.Array, kernel: jax.Array,
       ctx, cfg, x, kernel, *int_ops.conv_axes(kernel.ndim - 2),
       lambda a, w: lax.conv_general_dilated(a, w, precision=precision,
                                             **conv_kwargs),
-      lambda x_q, w_q: int_ops.int_conv(x_q, w_q, conv_kwargs, x.dtype))
+      lambda x_q, w_q: int_ops.int_conv(x_q, w_q, conv_kwargs, x.dtype),
+      lambda xf, wf, xs, ws, key, int_fwd, where: backward.contract(
+          backward.Conv(tuple(conv_kwargs.items()), x.shape, kernel.shape),
+          cfg.grad_input, cfg.grad_weight, xf, wf, xs, ws, key,
+          precision=precision, int_forward=int_fwd, where=where))
 
 
 def einsum(ctx: QuantContext, cfg: Any, spec: str, x: jax.Array,

@@ -21,4 +21,4 @@ def _bf16(ctx: QuantContext, op: Operand) -> Quantized:
 
 
 FLOAT = Method("float", _float, integer=False)
-BF16 = Method("bf16", _bf16, integer=False)
+BF16 = Method("bf16", _bf16, integer=False, fixed_bits=16)

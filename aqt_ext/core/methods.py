@@ -10,7 +10,7 @@ from typing import Any
 
 import jax
 
-from aqt_ext.core import dq, floats, lsq, pact, uniform
+from aqt_ext.core import dq, floats, fp8, lsq, pact, uniform
 from aqt_ext.core import quantizers as qz
 from aqt_ext.core.context import QuantContext
 from aqt_ext.core.int_ops import Quantized
@@ -18,14 +18,16 @@ from aqt_ext.core.operand import Operand
 from aqt_ext.core.registry import Registry
 
 REGISTRY = Registry([floats.FLOAT, floats.BF16, uniform.UNIFORM, lsq.LSQ,
-                     pact.PACT, dq.DQ])
+                     pact.PACT, dq.DQ, fp8.FP8])
 
 
 def quantize_operand(ctx: QuantContext, name: str, x: jax.Array, tq: Any,
                      axes: qz.OperandAxes, *, is_weight: bool,
-                     want_int: bool = False) -> Quantized:
+                     want_int: bool = False, keep_ints: bool = False
+                     ) -> Quantized:
   """Quantizes operand `x` (``'kernel'`` or ``'input'``) of the layer behind
   `ctx` by `tq` (a `TensorQuant`), creating the quantizer's state: the fake
-  quantized value, or with `want_int` the integer operand and its scale."""
+  quantized value, or with `want_int` the integer operand and its scale
+  (with `keep_ints` both, where the method has an integer grid)."""
   return REGISTRY.get(tq.method).quantize(
-      ctx, Operand(name, x, tq, axes, is_weight, want_int))
+      ctx, Operand(name, x, tq, axes, is_weight, want_int, keep_ints))

@@ -36,6 +36,8 @@ class Operand:
     axes: the roles of its axes in the contraction.
     is_weight: whether it is the kernel.
     want_int: whether integer execution asks for the integer operand.
+    keep_ints: whether the fake-quant value also keeps its integers and
+      scale (a quantized backward pass with ``use_fwd_quant``).
   """
 
   name: str
@@ -44,6 +46,7 @@ class Operand:
   axes: qz.OperandAxes
   is_weight: bool
   want_int: bool = False
+  keep_ints: bool = False
 
   @functools.cached_property
   def _layout(self):
@@ -83,11 +86,15 @@ def num_per_scale(shape, axes) -> int:
 def finish(op: Operand, qp: qz.QParams, fake: Callable[[jax.Array], jax.Array],
            rounding: qz.Rounding) -> Quantized:
   """The quantized operand on grid `qp`: integers (``op.want_int``) or
-  ``fake(view)`` reshaped back to the operand's shape."""
+  ``fake(view)`` reshaped back to the operand's shape (with its integers
+  too for ``op.keep_ints``)."""
   if op.want_int:
     return Quantized(None, qz.to_int(op.view, qp, rounding), qp, op.grouped)
   y = materialize(fake(op.view))
-  return Quantized(y.reshape(op.x.shape) if op.grouped else y)
+  y = y.reshape(op.x.shape) if op.grouped else y
+  if op.keep_ints:
+    return Quantized(y, qz.to_int(op.view, qp, rounding), qp, op.grouped)
+  return Quantized(y)
 
 
 def materialize(y: jax.Array) -> jax.Array:

@@ -4,7 +4,11 @@ Conventions (see ../shared/design/methods.md):
 
 * Rounding is ``jnp.round`` (half to even) unless ``half_away`` is asked for.
 * Straight-through estimator with the clipping mask: inside the grid the
-  gradient to the input is 1, outside it is 0; at the boundary it is 1.
+  gradient to the input is 1 (the output gradient passed on unchanged),
+  outside it is 0; at the boundary it is 1. The ``aqt`` grid passes the
+  gradient of every value, as AQT's numerics do (``clip_gradient=False``:
+  with absmax calibration nothing but the calibrated maximum, which maps to
+  2^(b-1)-0.5, is clipped).
 * Quantizing multiplies by the reciprocal of the scale, with an infinite
   reciprocal replaced by 1, exactly as AQT v2 does (so the ``aqt`` and
   ``restricted`` grids reproduce AQT's int values bit for bit).
@@ -171,11 +175,19 @@ class QParams:
   zero_point: jax.Array | None
   qmin: float
   qmax: float
+  # Grid-unit interval where the straight-through estimator passes the
+  # gradient; None: [qmin, qmax]. The ``aqt`` grid passes it everywhere, as
+  # AQT's numerics do (``clip_gradient=False``).
+  mask: tuple[float, float] | None = None
+
+  @property
+  def mask_range(self) -> tuple[float, float]:
+    return (self.qmin, self.qmax) if self.mask is None else self.mask
 
 
 jax.tree_util.register_dataclass(
     QParams, data_fields=["scale", "zero_point"],
-    meta_fields=["qmin", "qmax"])
+    meta_fields=["qmin", "qmax", "mask"])
 
 
 def observe_range(x: jax.Array, grid: str, axes: Axes) -> dict:
@@ -217,8 +229,10 @@ def qparams_from_range(rng: dict, grid: str, bits: int,
     zp = jnp.clip(round_(-lo * safe_reciprocal(scale), rounding), qmin, qmax)
     return QParams(lax.stop_gradient(scale), lax.stop_gradient(zp), qmin, qmax)
   r = rng["amax"] if "amax" in rng else rng["max"]
-  scale = _guard(r) / grid_bound(grid, bits)
-  return QParams(lax.stop_gradient(scale), None, qmin, qmax)
+  bound = grid_bound(grid, bits)
+  scale = _guard(r) / bound
+  mask = (-float("inf"), float("inf")) if grid == "aqt" else None
+  return QParams(lax.stop_gradient(scale), None, qmin, qmax, mask)
 
 
 def quantize(x: jax.Array, qp: QParams, rounding: str = "half_even"
@@ -232,7 +246,10 @@ def quantize(x: jax.Array, qp: QParams, rounding: str = "half_even"
   t = x * safe_reciprocal(qp.scale).astype(x.dtype)
   if qp.zero_point is not None:
     t = t + qp.zero_point.astype(x.dtype)
-  t = clip_ste(t, qp.qmin, qp.qmax)
+  if qp.mask is None:
+    t = clip_ste(t, qp.qmin, qp.qmax)
+  else:  # clipped to the grid, the gradient masked on the wider interval
+    t = ste(clip_ste(t, *qp.mask), jnp.clip(t, qp.qmin, qp.qmax))
   return ste(t, round_(t, rounding))
 
 
@@ -257,9 +274,10 @@ def fake_quant(x: jax.Array, qp: QParams, rounding: Rounding = "half_even"
   if callable(rounding):
     return dequantize(quantize(x, qp, rounding), qp)
   if qp.zero_point is None:
-    return _fake_quant_sym(x, qp.scale, qp.qmin, qp.qmax, rounding)
+    return _fake_quant_sym(x, qp.scale, qp.qmin, qp.qmax, rounding,
+                           qp.mask_range)
   return _fake_quant_zp(x, qp.scale, qp.zero_point, qp.qmin, qp.qmax,
-                        rounding)
+                        rounding, qp.mask_range)
 
 
 def _fq_parts(x, scale, zp, qmin, qmax, rounding):
@@ -288,32 +306,29 @@ def _nonzero(tangent):
           else tangent)
 
 
-def _fq_tangent(x, scale, zp, dx, ds, dzp, qmin, qmax, rounding):
+def _fq_tangent(x, scale, zp, dx, ds, dzp, qmin, qmax, rounding, mask):
   """The fake quant and its tangent; a zero tangent is None.
 
-  With the clipping mask m (`clip_ste`, inclusive, with slack), the
-  autodiff of `quantize` / `dequantize` gives
-    dy = s (m (dx inv + dzp) - dzp) + ds g,
+  With the clipping mask m (the interval `mask`, inclusive, with slack),
+    dy = m dx - (1 - m) s dzp + ds g,
     g = q - zp - m x inv = q - t (inside) or q - zp (outside)
-  (g = q - zp where the reciprocal was guarded, s = 0). The dx term keeps
-  autodiff's order of operations (its transpose, the input gradient,
-  is select(m, ct s, 0) inv, bit for bit); g is LSQ's step gradient
-  -t + round(t) / -Qn / Qp as one elementwise term, so the step gradient is
-  one sum.
+  (g = q - zp where the reciprocal was guarded). The dx term is the
+  straight-through estimator, exactly: its transpose passes the output
+  gradient to the input unchanged inside the mask (not multiplied by
+  s * (1/s), which is 1 only up to rounding), as AQT does; g is LSQ's step
+  gradient -t + round(t) / -Qn / Qp as one elementwise term, so the step
+  gradient is one sum.
   """
   y, inv, t, q = _fq_parts(x, scale, zp, qmin, qmax, rounding)
-  inside = (t >= qmin - _EDGE_SLACK) & (t <= qmax + _EDGE_SLACK)
+  inside = (t >= mask[0] - _EDGE_SLACK) & (t <= mask[1] + _EDGE_SLACK)
   s = scale.astype(x.dtype)
   dy = None
-  if dx is not None or dzp is not None:
-    dt = None if dx is None else dx * inv
-    if dzp is not None:
-      dzp = dzp.astype(x.dtype)
-      dt = dzp if dt is None else dt + dzp
-    dq = jnp.where(inside, dt, jnp.zeros_like(dt))
-    if dzp is not None:
-      dq = dq - dzp
-    dy = dq * s
+  if dx is not None:
+    dy = jnp.where(inside, dx, jnp.zeros_like(dx))
+  if dzp is not None:
+    dzp = dzp.astype(x.dtype)
+    dyz = jnp.where(inside, jnp.zeros_like(dzp), -dzp) * s
+    dy = dyz if dy is None else dy + dyz
   if ds is not None:
     g = jnp.where(inside, q - (t if zp is None else t - zp.astype(t.dtype)),
                   q)
@@ -325,28 +340,28 @@ def _fq_tangent(x, scale, zp, dx, ds, dzp, qmin, qmax, rounding):
   return y, jnp.broadcast_to(dy, y.shape).astype(y.dtype)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
-def _fake_quant_sym(x, scale, qmin, qmax, rounding):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4, 5))
+def _fake_quant_sym(x, scale, qmin, qmax, rounding, mask):
   return _fq_parts(x, scale, None, qmin, qmax, rounding)[0]
 
 
 @functools.partial(_fake_quant_sym.defjvp, symbolic_zeros=True)
-def _fake_quant_sym_jvp(qmin, qmax, rounding, primals, tangents):
+def _fake_quant_sym_jvp(qmin, qmax, rounding, mask, primals, tangents):
   (x, scale), (dx, ds) = primals, tangents
   return _fq_tangent(x, scale, None, _nonzero(dx), _nonzero(ds), None, qmin,
-                     qmax, rounding)
+                     qmax, rounding, mask)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
-def _fake_quant_zp(x, scale, zp, qmin, qmax, rounding):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5, 6))
+def _fake_quant_zp(x, scale, zp, qmin, qmax, rounding, mask):
   return _fq_parts(x, scale, zp, qmin, qmax, rounding)[0]
 
 
 @functools.partial(_fake_quant_zp.defjvp, symbolic_zeros=True)
-def _fake_quant_zp_jvp(qmin, qmax, rounding, primals, tangents):
+def _fake_quant_zp_jvp(qmin, qmax, rounding, mask, primals, tangents):
   (x, scale, zp), (dx, ds, dzp) = primals, tangents
   return _fq_tangent(x, scale, zp, _nonzero(dx), _nonzero(ds),
-                     _nonzero(dzp), qmin, qmax, rounding)
+                     _nonzero(dzp), qmin, qmax, rounding, mask)
 
 
 def int_dtype(qp: QParams):

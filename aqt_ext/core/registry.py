@@ -37,6 +37,9 @@ class Method:
     integer: whether it puts values on an integer grid (float and bf16 do
       not: a layer with neither operand on a grid is a float layer).
     static: whether ``calibration='static'`` is supported.
+    delayed: whether ``calibration='delayed'`` is supported.
+    fixed_bits: the width of a value of a method without ``bits`` (bf16:
+      16, fp8: 8; None: unquantized, counted as 16 by the cost model).
     int_execution: whether ``LayerQuant.execution='int'`` can run it.
     weight_export: how serving stores its kernels: ``'int'`` (integers and
       a scale) or ``'lut'`` (level indices and a table).
@@ -55,6 +58,8 @@ class Method:
   inputs: bool = True
   integer: bool = True
   static: bool = False
+  delayed: bool = False
+  fixed_bits: int | None = None
   int_execution: bool = False
   weight_export: str = "int"
   stored_input_scale: Callable[[Any], bool] = _trained_input

@@ -112,6 +112,9 @@ class LinenContext:
   def sow(self, collection, name, value):
     self.mdl.sow(collection, name, value)
 
+  def rng(self, stream):
+    return self.mdl.make_rng(stream) if self.mdl.has_rng(stream) else None
+
 
 def quant_operand(mdl: nn.Module, name: str, x: jax.Array, tq,
                   axes: qz.OperandAxes, *, is_weight: bool,

@@ -3,10 +3,12 @@
 from aqt_ext.nnx.layers import (AQuantBorder, NnxContext, QuantConv,
                                 QuantEinsum, QuantLinear, QuantLinearGeneral,
                                 QuantLoss, QuantStat, init, intercept,
-                                pop_losses, quant_layers, set_paths)
+                                pop_losses, quant_key, quant_layers,
+                                set_paths)
 from aqt_ext.nnx.rules import quantize_model
 
 __all__ = ["AQuantBorder", "NnxContext", "QuantConv", "QuantEinsum",
            "QuantLinear", "QuantLinearGeneral", "QuantLoss", "QuantStat",
-           "init", "intercept", "pop_losses", "quant_layers", "quantize_model",
+           "init", "intercept", "pop_losses", "quant_key", "quant_layers",
+           "quantize_model",
            "set_paths"]

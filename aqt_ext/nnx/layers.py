@@ -30,6 +30,7 @@ cannot add variables (``nnx.scan``, ``nnx.vmap`` of batched values).
 from __future__ import annotations
 
 import contextlib
+import zlib
 from typing import Any, Callable
 
 import jax
@@ -39,6 +40,7 @@ from flax import nnx
 from aqt_ext.config import LayerQuant, ModelQuant
 from aqt_ext.core import contract, initializers, int_ops
 from aqt_ext.core.context import AQUANT, LOSSES, PARAMS, STATS
+from aqt_ext.core.contract import QUANT_RNG
 
 # nnx's default lecun_normal, drawn flat: the same values, compiled in a
 # fraction of the time for conv kernels (`aqt_ext.core.initializers`).
@@ -96,6 +98,17 @@ class NnxContext:
       return not self.layer.use_running_average
     return collection == AQUANT
 
+  def rng(self, stream):
+    rngs = getattr(self.layer, "quant_rngs", None)
+    if rngs is not None:
+      return rngs()
+    if not _QUANT_KEYS:
+      return None
+    key, calls = _QUANT_KEYS[-1]
+    n = calls[id(self.layer)] = calls.get(id(self.layer), -1) + 1
+    return jax.random.fold_in(jax.random.fold_in(
+        key, zlib.crc32(self.layer.path.encode())), n)
+
   def sow(self, collection, name, value):
     var = self._var(name)
     if var is None:
@@ -112,11 +125,16 @@ class QuantLayer:
   use_running_average: bool
   initializing: bool
 
-  def _init_quant(self, quant: LayerQuant | ModelQuant) -> None:
+  def _init_quant(self, quant: LayerQuant | ModelQuant, rngs: Any = None
+                  ) -> None:
     if not isinstance(quant, (LayerQuant, ModelQuant)):
       raise TypeError(f"{type(self).__name__}.quant must be a LayerQuant or "
                       f"ModelQuant, got {type(quant).__name__}")
     self.quant = quant
+    # The stream of stochastic rounding in the backward pass, if given.
+    self.quant_rngs = (rngs[QUANT_RNG].fork()
+                       if isinstance(rngs, nnx.Rngs) and QUANT_RNG in rngs
+                       else nnx.data(None))
     self.path = ""
     self.use_running_average = False
     self.initializing = False
@@ -131,6 +149,23 @@ class QuantLayer:
     if _HOOKS:
       return _HOOKS[-1](self, *args, **kwargs)
     return self.quantized_call(*args, **kwargs)
+
+
+# The innermost `quant_key` block's (key, calls per layer).
+_QUANT_KEYS: list[tuple[jax.Array, dict]] = []
+
+
+@contextlib.contextmanager
+def quant_key(key: jax.Array):
+  """Within the block, a quantized layer without a ``'quant'`` stream of its
+  own draws stochastic rounding keys from `key`, folded with its path and
+  call count (the training loop's per-step key; no RNG state is added to
+  the model)."""
+  _QUANT_KEYS.append((key, {}))
+  try:
+    yield
+  finally:
+    _QUANT_KEYS.pop()
 
 
 # The innermost `intercept` hook runs in place of every quantized layer.
@@ -160,7 +195,7 @@ class QuantLinear(QuantLayer, nnx.Linear):
   def __init__(self, in_features: int, out_features: int, *,
                quant: LayerQuant | ModelQuant = LayerQuant(), **kwargs):
     super().__init__(in_features, out_features, **kwargs)
-    self._init_quant(quant)
+    self._init_quant(quant, kwargs.get("rngs"))
 
   __call__ = QuantLayer.__call__  # whatever the bases' order
 
@@ -188,7 +223,7 @@ class QuantLinearGeneral(QuantLayer, nnx.LinearGeneral):
   def __init__(self, in_features, out_features, *,
                quant: LayerQuant | ModelQuant = LayerQuant(), **kwargs):
     super().__init__(in_features, out_features, **kwargs)
-    self._init_quant(quant)
+    self._init_quant(quant, kwargs.get("rngs"))
 
   __call__ = QuantLayer.__call__  # whatever the bases' order
 
@@ -225,7 +260,7 @@ class QuantConv(QuantLayer, nnx.Conv):
                      **kwargs)
     if self.mask is not None:
       raise ValueError("QuantConv.mask is not supported; allowed: None")
-    self._init_quant(quant)
+    self._init_quant(quant, kwargs.get("rngs"))
 
   __call__ = QuantLayer.__call__  # whatever the bases' order
 
@@ -252,7 +287,7 @@ class QuantEinsum(QuantLayer, nnx.Einsum):
                quant: LayerQuant | ModelQuant = LayerQuant(), **kwargs):
     kwargs.setdefault("kernel_init", _KERNEL_INIT)
     super().__init__(einsum_str, kernel_shape, bias_shape, **kwargs)
-    self._init_quant(quant)
+    self._init_quant(quant, kwargs.get("rngs"))
 
   __call__ = QuantLayer.__call__  # whatever the bases' order
 
