@@ -45,6 +45,8 @@ VARIANTS = {
     "aqt_w8a8_g8": "aqt:w8a8_g8",
     "aqt_w8a8_g8sr": "aqt:w8a8_g8sr",
     "aqt_w8a8_ge5m2": "aqt:w8a8_ge5m2",
+    "fp8": "fp8",
+    "fp8_ge5m2": "fp8_ge5m2",
     "nnx_float": "float",
     "nnx_uniform_w4a4": "w4a4",
     "nnx_lsq_w4a4": "lsq:w4a4",

@@ -124,9 +124,10 @@ CONVS = [  # (x shape, w shape, conv kwargs)
 ]
 
 
-@pytest.mark.parametrize("case", range(len(CONVS)))
-@pytest.mark.parametrize("fmt,use_fwd_quant", [("int", True), ("int", False),
-                                               ("e5m2", False)])
+@pytest.mark.parametrize("case,fmt,use_fwd_quant", [
+    *[(c, "int", True) for c in range(len(CONVS))],
+    (1, "int", False), (2, "int", False), (0, "e5m2", False),
+    (2, "e4m3", False)])
 def test_conv_gradients_are_the_vjp_at_the_quantized_operands(
     case, fmt, use_fwd_quant):
   from aqt_ext.core import int_ops
