@@ -16,7 +16,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from aqt_ext.core import backward, int_ops
 from aqt_ext.core import quantizers as qz
@@ -39,16 +38,17 @@ def _backward_key(ctx: QuantContext, cfg: Any) -> jax.Array | None:
 
 
 def quantized(ctx: QuantContext, cfg: Any, x: jax.Array, kernel: jax.Array,
-              x_axes: qz.OperandAxes, w_axes: qz.OperandAxes,
-              fake_op: Callable[[jax.Array, jax.Array], jax.Array],
+              x_axes: qz.OperandAxes, w_axes: qz.OperandAxes, op: Any,
               int_op: Callable[[Quantized, Quantized], jax.Array],
-              grad_op: Any = None) -> jax.Array:
-  """Quantizes `x` and `kernel` by `cfg` and contracts them by `int_op` on
-  the integer operands (``cfg.execution == 'int'``), else by `fake_op`;
-  with a quantized backward pass, `grad_op` (an `aqt_ext.core.backward`
-  contraction) computes the forward and its gradients."""
+              precision: Any = None, preferred_element_type: Any = None
+              ) -> jax.Array:
+  """Quantizes `x` and `kernel` by `cfg` and contracts them: `int_op` on the
+  integer operands (``cfg.execution == 'int'``), else `op` (an
+  `aqt_ext.core.backward` `DotGeneral` or `Conv`) on the fake-quant values;
+  with a quantized backward pass `aqt_ext.core.backward.contract` of `op`
+  computes the forward and its gradients."""
   want_int = cfg.execution == "int"
-  bwd = cfg.quantized_backward and grad_op is not None
+  bwd = cfg.quantized_backward
   gi, gw = cfg.grad_input, cfg.grad_weight
   # With a quantized backward pass the operands keep their fake-quant value
   # (what autodiff flows through) and their integers (for the integer
@@ -60,10 +60,13 @@ def quantized(ctx: QuantContext, cfg: Any, x: jax.Array, kernel: jax.Array,
                          is_weight=True, want_int=want_int and not bwd,
                          keep_ints=bwd and (want_int or gi.use_fwd_quant))
   if not bwd:
-    return int_op(x_q, w_q) if want_int else fake_op(x_q.fake, w_q.fake)
-  return grad_op(x_q.fake, w_q.fake, backward.side(x, x_q),
-                 backward.side(kernel, w_q), _backward_key(ctx, cfg),
-                 int_op if want_int else None, ctx.path or ctx.layer_type)
+    return int_op(x_q, w_q) if want_int else op.forward(
+        x_q.fake, w_q.fake, precision, preferred_element_type)
+  return backward.contract(
+      op, gi, gw, x_q.fake, w_q.fake, backward.side(x, x_q),
+      backward.side(kernel, w_q), _backward_key(ctx, cfg), precision,
+      preferred_element_type, int_op if want_int else None,
+      ctx.path or ctx.layer_type)
 
 
 def dot_general(ctx: QuantContext, cfg: Any, x: jax.Array, kernel: jax.Array,
@@ -74,16 +77,10 @@ def dot_general(ctx: QuantContext, cfg: Any, x: jax.Array, kernel: jax.Array,
   DenseGeneral / LinearGeneral)."""
   return quantized(
       ctx, cfg, x, kernel, *int_ops.dot_general_axes(dimension_numbers),
-      lambda a, w: lax.dot_general(
-          a, w, dimension_numbers, precision=precision,
-          preferred_element_type=preferred_element_type),
+      backward.DotGeneral(dimension_numbers, x.ndim, kernel.ndim),
       lambda x_q, w_q: int_ops.int_dot_general(x_q, w_q, dimension_numbers,
                                                x.dtype),
-      lambda xf, wf, xs, ws, key, int_fwd, where: backward.contract(
-          backward.DotGeneral(dimension_numbers, x.ndim, kernel.ndim),
-          cfg.grad_input, cfg.grad_weight, xf, wf, xs, ws, key,
-          precision=precision, preferred_element_type=preferred_element_type,
-          int_forward=int_fwd, where=where))
+      precision, preferred_element_type)
 
 
 def conv(ctx: QuantContext, cfg: Any, x: jax.Array, kernel: jax.Array,
@@ -92,13 +89,9 @@ def conv(ctx: QuantContext, cfg: Any, x: jax.Array, kernel: jax.Array,
   (NHWC input with one batch axis, HWIO kernel)."""
   return quantized(
       ctx, cfg, x, kernel, *int_ops.conv_axes(kernel.ndim - 2),
-      lambda a, w: lax.conv_general_dilated(a, w, precision=precision,
-                                            **conv_kwargs),
+      backward.Conv(tuple(conv_kwargs.items()), x.shape, kernel.shape),
       lambda x_q, w_q: int_ops.int_conv(x_q, w_q, conv_kwargs, x.dtype),
-      lambda xf, wf, xs, ws, key, int_fwd, where: backward.contract(
-          backward.Conv(tuple(conv_kwargs.items()), x.shape, kernel.shape),
-          cfg.grad_input, cfg.grad_weight, xf, wf, xs, ws, key,
-          precision=precision, int_forward=int_fwd, where=where))
+      precision)
 
 
 def einsum(ctx: QuantContext, cfg: Any, spec: str, x: jax.Array,
