@@ -107,7 +107,16 @@ SWEEP_CONFIG_FILE = "sweep_config.json"
 JAX_CACHE_DIR = "jax_cache"
 EXIT_POINT_FAILED = 3  # a worker's exit status after recording a failure
 UNQUANTIZED = ("float", "bf16")
-_WA_RE = re.compile(r"^w(\d+|f)a(\d+|f)$")
+# A quants value: W/A bits or fp8, and an optional quantized backward pass
+# (`config.parse_spec`'s ``_gG[sr]``), e.g. 'w8a8_g8', 'fp8_ge5m2'.
+_QUANT_RE = re.compile(r"^(?P<fwd>w(\d+|f)a(\d+|f)|fp8(?:_e4m3|_e5m2)?)"
+                       r"(?P<grads>_g(?:\d+|e4m3|e5m2)(?:sr)?)?$")
+
+
+def _methodless(quant: str) -> bool:
+  """Whether a quants value ignores the method and first/last axes: the
+  unquantized ones and fp8 (one quantizer, every layer)."""
+  return quant in UNQUANTIZED or quant.startswith("fp8")
 
 
 # ---------------------------------------------------------------------------
@@ -183,11 +192,13 @@ class Point:
   def spec(self) -> str:
     """The quant spec (`config.parse_spec`), e.g. ``lsq:w4a4_fl8``; a PTQ
     point's has no method prefix (its method is in ``config.ptq``)."""
-    if self.quant in UNQUANTIZED:
+    if _methodless(self.quant):
       return self.quant
     prefix = METHODS[self.method].quant_prefix
     fl = f"_fl{self.first_last}" if self.first_last is not None else ""
-    return (f"{prefix}:" if prefix else "") + self.quant + fl
+    m = _QUANT_RE.match(self.quant)
+    return ((f"{prefix}:" if prefix else "") + m.group("fwd") + fl
+            + (m.group("grads") or ""))
 
   @property
   def kind(self) -> str:
@@ -257,11 +268,13 @@ def _check_sweep(sweep: ml_collections.ConfigDict) -> None:
                          f"{', '.join(map(repr, models.MODELS))} and width > 0")
   for i, q in enumerate(sweep.quants):
     if q not in UNQUANTIZED and not (isinstance(q, str)
-                                     and _WA_RE.match(q)):
-      raise _field_error(f"quants[{i}]", q, "'float', 'bf16' or 'wWaA' with W,"
+                                     and _QUANT_RE.match(q)):
+      raise _field_error(f"quants[{i}]", q, "'float', 'bf16', 'wWaA' with W,"
                          f" A in {MIN_BITS}..{MAX_BITS} or 'f' (the method "
                          "goes in config.methods, first/last bits in "
-                         "config.first_last)")
+                         "config.first_last), or 'fp8[_e4m3|_e5m2]'; either "
+                         "quantized form may end in a quantized backward "
+                         "pass '_gG[sr]' with G bits, 'e4m3' or 'e5m2'")
   for i, fl in enumerate(sweep.first_last):
     if fl is not None and (isinstance(fl, bool) or fl not in range(
         MIN_BITS, MAX_BITS + 1)):
@@ -286,9 +299,15 @@ def make_points(sweep: ml_collections.ConfigDict) -> list[Point]:
   for (model, width), quant, fl, method, seed in itertools.product(
       sweep.models, sweep.quants, sweep.first_last, sweep.methods,
       sweep.seeds):
-    unquantized = quant in UNQUANTIZED
-    p = Point(model, float(width), quant, None if unquantized else fl,
-              None if unquantized else method, seed)
+    methodless = _methodless(quant)
+    if (not methodless and METHODS[method].kind == "ptq"
+        and _QUANT_RE.match(quant).group("grads")):
+      raise ValueError(
+          f"config.quants has {quant!r}, a quantized backward pass, and "
+          f"config.methods the PTQ method {method!r}, which does not train; "
+          "allowed with a gradient suffix: the QAT methods")
+    p = Point(model, float(width), quant, None if methodless else fl,
+              None if methodless else method, seed)
     try:
       parse_spec(p.spec)
     except ValueError as e:

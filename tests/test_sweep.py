@@ -134,6 +134,38 @@ def test_points_product_ids_and_validation():
       sweep.make_points(bad)
 
 
+def test_low_precision_training_quants():
+  """Quants with a quantized backward pass ('w8a8_g8') and fp8 ('fp8_ge5m2',
+  which ignores method and first/last) give the specs `parse_spec` reads;
+  a gradient suffix with a PTQ method is refused."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from aqt_ext.config import parse_spec  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict(dict(
+      base=dict(num_epochs=1.0), models=(("cifar_resnet8", 0.5),),
+      quants=("float", "w8a8_g8", "fp8_ge5m2", "w4a4"), first_last=(None, 8),
+      methods=("aqt",), seeds=(0,)))
+  points = sweep.make_points(c)
+  specs = sorted(p.spec for p in points)
+  assert specs == ["aqt:w4a4", "aqt:w4a4_fl8", "aqt:w8a8_fl8_g8",
+                   "aqt:w8a8_g8", "float", "fp8_ge5m2"]
+  for p in points:
+    parse_spec(p.spec)
+  fp8 = next(p for p in points if p.quant == "fp8_ge5m2")
+  assert (fp8.method, fp8.first_last, fp8.kind) == (None, None, "qat")
+  lq = parse_spec("aqt:w8a8_fl8_g8", first="conv_init").rules[0][1]
+  assert lq.grad_weight.format == "int" and lq.weight.bits == 8
+  # The ids of points without a gradient suffix are those of before.
+  assert sweep.Point("cifar_resnet8", 0.5, "w4a4", 8, "aqt", 0).id in {
+      p.id for p in points}
+  bad = ml_collections.ConfigDict(c.to_dict())
+  bad.methods = ("aqt", "rtn")
+  with pytest.raises(ValueError, match="'w8a8_g8'.*PTQ method 'rtn'.*QAT"):
+    sweep.make_points(bad)
+  bad.methods, bad.quants = ("aqt",), ("fp8_g9x",)
+  with pytest.raises(ValueError, match=r"quants\[0\]='fp8_g9x'.*fp8"):
+    sweep.make_points(bad)
+
+
 def test_ptq_points_depend_on_the_float_point():
   import ml_collections  # pylint: disable=g-import-not-at-top
   c = ml_collections.ConfigDict(dict(

@@ -46,6 +46,14 @@ FP8 = fp8.FORMATS  # format name -> (dtype, largest finite value)
 # Quantizing one operand of a gradient contraction.
 # ---------------------------------------------------------------------------
 
+def _uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Uniform [0, 1) noise of stochastic rounding, drawn over the flattened
+  shape: XLA:CPU compiles a threefry draw of a rank-4 shape slowly
+  (`aqt_ext.core.initializers`)."""
+  return jax.random.uniform(key, (int(np.prod(shape)),),
+                            jnp.float32).reshape(shape)
+
+
 def _stochastic_fp8(t: jax.Array, fmt: str, key: jax.Array) -> jax.Array:
   """`t` (float32, within the format's range) rounded stochastically to the
   fp8 grid: down or up with probabilities that make it unbiased."""
@@ -54,7 +62,7 @@ def _stochastic_fp8(t: jax.Array, fmt: str, key: jax.Array) -> jax.Array:
   min_exp = int(np.log2(float(finfo.smallest_normal)))
   _, e = jnp.frexp(t)  # |t| in [2^(e-1), 2^e)
   ulp = jnp.exp2((jnp.maximum(e - 1, min_exp) - mant).astype(t.dtype))
-  u = jax.random.uniform(key, t.shape, t.dtype)
+  u = _uniform(key, t.shape).astype(t.dtype)
   return jnp.sign(t) * jnp.floor(jnp.abs(t) / ulp + u) * ulp
 
 
@@ -75,7 +83,7 @@ def quantize_grad_operand(x: jax.Array, gq: Any, keep: Sequence[int],
     else:
       t = (x * qz.safe_reciprocal(qp.scale).astype(x.dtype)).astype(
           jnp.float32)
-      t = jnp.floor(t + jax.random.uniform(key, t.shape, jnp.float32))
+      t = jnp.floor(t + _uniform(key, t.shape))
       q = jnp.clip(t, qp.qmin, qp.qmax).astype(jnp.int8)
     return q, qp.scale
   dtype, fmax = FP8[gq.format]
@@ -88,14 +96,14 @@ def quantize_grad_operand(x: jax.Array, gq: Any, keep: Sequence[int],
 
 
 def _accumulate(a: jax.Array, b: jax.Array,
-                op: Callable[..., jax.Array]) -> jax.Array:
+                op: Callable[..., jax.Array], terms: int) -> jax.Array:
   """``op(a, b, preferred_element_type)`` of two quantized operands: int32
-  accumulation of integers; fp8 in float32 (fp8 operands upcast on CPU,
-  where XLA has no fp8 contraction: the products are exact in float32)."""
+  accumulation of integers (`int_ops.accumulate`; `terms` bounds the
+  products summed into one output); fp8 in float32 (fp8 operands upcast on
+  CPU, where XLA has no fp8 contraction: the products are exact in
+  float32)."""
   if jnp.issubdtype(a.dtype, jnp.integer):
-    if a.dtype != b.dtype:
-      a, b = a.astype(jnp.int16), b.astype(jnp.int16)
-    return op(a, b, jnp.int32)
+    return int_ops.accumulate(a, b, op, terms)
   if jax.default_backend() == "cpu":
     a, b = a.astype(jnp.float32), b.astype(jnp.float32)
   return op(a, b, jnp.float32)
@@ -161,7 +169,8 @@ class DotGeneral:
     dims, _, _, perm = self.grad(wrt_x)
     (gc, oc), (gb, ob) = dims
     acc = _accumulate(a, b, lambda p, q, t: lax.dot_general(
-        p, q, dims, preferred_element_type=t))
+        p, q, dims, preferred_element_type=t),
+        int(np.prod([a.shape[d] for d in gc])))
     n_g_free = a.ndim - len(gc) - len(gb)
     n_o_free = b.ndim - len(oc) - len(ob)
     sa = int_ops.scale_to_output(sa, gc, gb, n_o_free, lhs=True)
@@ -236,18 +245,23 @@ class Conv:
     groups = params["feature_group_count"]
     nsp = len(self.x_shape) - 2
     if wrt_x:
+      # each input element meets at most the whole window of each output
+      # channel of its group
+      terms = int(np.prod(self.w_shape[:nsp])) * (self.w_shape[-1] // groups)
       acc = _accumulate(a, b, lambda g, w, t: (
           _conv_internal._conv_general_dilated_transpose_lhs(
               g, _Aval(self.x_shape, t), w, preferred_element_type=t,
-              **params)))
+              **params)), terms)
       # sa: per example (N, 1, ...); sb: per kernel input channel (in/G).
       sb = sb.reshape(-1)
       sb = jnp.tile(sb, groups) if sb.size > 1 else sb.reshape(())
     else:
+      # each kernel element sums over batch x output positions
+      terms = int(np.prod(a.shape[:-1]))
       acc = _accumulate(b, a, lambda x, g, t: (
           _conv_internal._conv_general_dilated_transpose_rhs(
               g, x, _Aval(self.w_shape, t), preferred_element_type=t,
-              **params)))
+              **params)), terms)
       # sa: per output channel; sb: per input channel c = group(o) * cg + c'.
       sa = sa.reshape(-1) if sa.size > 1 else sa.reshape(())
       if sb.size > 1:
