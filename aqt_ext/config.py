@@ -25,8 +25,10 @@ Granularity is defined by the operand's role in the contraction:
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from aqt_ext.core.methods import REGISTRY
 
@@ -433,6 +435,107 @@ class ModelQuant:
 
 
 # ---------------------------------------------------------------------------
+# Structured rules: a ModelQuant as plain data (dicts, JSON files).
+# ---------------------------------------------------------------------------
+
+_NESTED = {LayerQuant: {"weight": TensorQuant, "input": TensorQuant,
+                        "grad_input": GradQuant, "grad_weight": GradQuant}}
+
+
+def to_dict(cfg: Any) -> Any:
+  """A TensorQuant / GradQuant / LayerQuant / ModelQuant as plain data
+  (fields equal to their defaults left out): what `from_dict` reads."""
+  if isinstance(cfg, ModelQuant):
+    return {"default": to_dict(cfg.default),
+            "rules": [[p, to_dict(lq)] for p, lq in cfg.rules]}
+  out = {}
+  for f in dataclasses.fields(cfg):
+    v = getattr(cfg, f.name)
+    if v != f.default:
+      out[f.name] = to_dict(v) if dataclasses.is_dataclass(v) else v
+  return out
+
+
+def _from_dict(cls: type, d: Any, where: str) -> Any:
+  if isinstance(d, cls):
+    return d
+  if not isinstance(d, Mapping):
+    raise ValueError(f"{where} must be a dict of {cls.__name__} fields; got "
+                     f"{d!r}")
+  names = [f.name for f in dataclasses.fields(cls)]
+  unknown = sorted(set(d) - set(names))
+  if unknown:
+    raise ValueError(f"{where} has the unknown field(s) {unknown}; allowed: "
+                     f"{', '.join(names)}")
+  kw = {}
+  for k, v in d.items():
+    sub = _NESTED.get(cls, {}).get(k)
+    kw[k] = _from_dict(sub, v, f"{where}.{k}") if sub else v
+  try:
+    return cls(**kw)
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from None
+
+
+def from_dict(d: Mapping[str, Any], where: str = "rules") -> ModelQuant:
+  """A ModelQuant from plain data: ``{"default": LayerQuant fields,
+  "rules": [[regex, LayerQuant fields], ...]}``, each LayerQuant as
+  ``{"weight": TensorQuant fields, "input": ..., "execution": ...,
+  "grad_input": GradQuant fields, "grad_weight": ...}`` (omitted fields take
+  their defaults; a LayerQuant value may also be a spec string such as
+  ``"w4a4"``, whose default layer it means). Everything the shorthand spec
+  cannot say, per layer. Unknown fields and bad values are errors that name
+  where they are."""
+  if not isinstance(d, Mapping):
+    raise ValueError(f"{where} must be a dict with 'default' and 'rules'")
+  unknown = sorted(set(d) - {"default", "rules"})
+  if unknown:
+    raise ValueError(f"{where} has the unknown field(s) {unknown}; allowed: "
+                     "default, rules")
+
+  def layer(v, at):
+    if isinstance(v, str):
+      return parse_spec(v).default
+    return _from_dict(LayerQuant, v, at)
+
+  rules = []
+  for i, r in enumerate(d.get("rules", ())):
+    if (not isinstance(r, (list, tuple)) or len(r) != 2
+        or not isinstance(r[0], str)):
+      raise ValueError(f"{where}.rules[{i}] must be [regex, LayerQuant "
+                       f"fields]; got {r!r}")
+    rules.append((r[0], layer(r[1], f"{where}.rules[{i}]")))
+  default = layer(d.get("default", {}), f"{where}.default")
+  try:
+    return ModelQuant(default=default, rules=tuple(rules))
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from None
+
+
+def save_rules(mq: ModelQuant, path: str) -> None:
+  """Writes `mq` as a JSON rules file (atomically) that `parse_spec` (and
+  so a training config's ``quant``) reads back."""
+  text = json.dumps(to_dict(mq), indent=1, sort_keys=True) + "\n"
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def load_rules(path: str) -> ModelQuant:
+  """The ModelQuant of a JSON rules file (`save_rules`, `from_dict`)."""
+  try:
+    with open(path) as f:
+      d = json.load(f)
+  except OSError as e:
+    raise ValueError(f"quant rules file {path!r} cannot be read: {e}") from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"quant rules file {path!r} is not valid JSON: {e}"
+                     ) from None
+  return from_dict(d, where=path)
+
+
+# ---------------------------------------------------------------------------
 # Presets and the one-string model spec.
 # ---------------------------------------------------------------------------
 
@@ -505,6 +608,9 @@ def parse_spec(spec: str, *, first: str | None = None,
                last: str | None = None) -> ModelQuant:
   """Builds a ModelQuant from a one-string spec.
 
+  A path ending in ``.json`` is a structured rules file (`load_rules`),
+  read as it is (`first` and `last` do not apply).
+
   Grammar: ``float`` | ``bf16`` | ``fp8[_FMT][_delayed][_gG[sr]]`` |
   ``[METHOD:]wWaA[_flB][_static][_gG[sr]]`` where
   W, A, B are bit widths or ``f`` (float), METHOD one of `QUANT_METHODS`
@@ -527,6 +633,8 @@ def parse_spec(spec: str, *, first: str | None = None,
   ``w4a4_fl8_static``, ``aqt:w8a8_g8`` (AQT's fully quantized training, with
   a fake-quant forward), ``w8a8_ge5m2sr``.
   """
+  if spec.endswith(".json"):
+    return load_rules(spec)
   if spec == "float":
     return ModelQuant()
   if spec == "bf16":
