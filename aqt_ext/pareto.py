@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import os
 import tempfile
 from typing import Any, Iterable, Mapping, Sequence
@@ -103,7 +104,12 @@ def frontier_mask(costs: Sequence[float], qualities: Sequence[float]
 
 
 def _config_key(record: Mapping[str, Any]) -> tuple:
-  return tuple(record["axes"][k] for k in CONFIG_AXES)
+  """`CONFIG_AXES`, then the fine-tuning overrides (a point fine-tuned from
+  the float model is another configuration than one trained from
+  scratch)."""
+  axes = record["axes"]
+  return tuple(axes[k] for k in CONFIG_AXES) + (
+      json.dumps(axes.get("finetune"), sort_keys=True),)
 
 
 def aggregate(records: Iterable[Mapping[str, Any]]) -> list[Row]:
@@ -125,7 +131,8 @@ def aggregate(records: Iterable[Mapping[str, Any]]) -> list[Row]:
       raise ValueError(f"the seeds of configuration {key} were evaluated on "
                        f"different splits ({', '.join(sorted(splits))}); "
                        "their accuracies cannot be averaged")
-    rows.append(Row(**dict(zip(CONFIG_AXES, key)), spec=first["spec"],
+    rows.append(Row(**dict(zip(CONFIG_AXES, key[:len(CONFIG_AXES)])),
+                    spec=first["spec"],
                     label=first.get("label", first["spec"]),
                     kind=first.get("kind", "qat"),
                     seeds=len(group), accuracy=sum(acc) / len(acc),
@@ -234,6 +241,7 @@ _METHOD_STYLES = (  # (method prefix of the label, line style, marker)
     ("rtn", "--", "s"), ("pwlq", ":", "^"), ("rex", "-.", "D"),
     ("aquant", (0, (3, 1, 1, 1, 1, 1)), "v"))
 _QAT_STYLE = ("-", "o")
+_MP_STYLE = ((0, (5, 2)), "*")  # mixed precision
 BAND_POINTS = 12.0  # [design] the zoomed band spans >= this many points
 
 
@@ -255,6 +263,8 @@ def curve_style(row: Row) -> tuple[str, Any, str]:
       if (row.method or "").startswith(prefix):
         return colour, ls, marker
     return colour, "--", "X"
+  if row.kind == "mp":
+    return colour, _MP_STYLE[0], _MP_STYLE[1]
   return (colour,) + _QAT_STYLE
 
 
@@ -353,8 +363,10 @@ def _legend_handles(rows: Sequence[Row]) -> list[Any]:
     by_bits.setdefault(_weight_bits_of(r), r)
   by_method: dict[str, Row] = {}
   for r in rows:
-    by_method.setdefault(f"{r.method} (PTQ)" if r.kind == "ptq"
-                         else "QAT (and float)", r)
+    by_method.setdefault(
+        f"{r.method} (PTQ)" if r.kind == "ptq" else
+        f"{r.method} (mixed precision)" if r.kind == "mp" else
+        "QAT (and float)", r)
   handles = [Line2D([], [], color=curve_style(r)[0], lw=6, alpha=0.8,
                     label="float" if bits is None else f"w{bits}")
              for bits, r in by_bits.items()]

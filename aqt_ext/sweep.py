@@ -130,7 +130,8 @@ class Method:
   Attributes:
     kind: key of `RUNNERS` that runs the method's points.
     quant_prefix: method prefix of the quant spec (None: no prefix).
-    ptq: for kind 'ptq', the ``config.ptq`` fields it sets (method first).
+    ptq: for kind 'ptq', the ``config.ptq`` fields it sets (method first);
+      for kind 'mp', the ``config.mp`` fields (`run_mp`).
   """
 
   kind: str
@@ -151,10 +152,46 @@ def run_ptq(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return pipeline.run_ptq(pipeline.with_ptq_defaults(config), None, workdir)
 
 
+MP_DIR = "mp"  # a mixed-precision point's allocation, in its workdir
+
+
+def run_mp(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Mixed precision: per-layer widths allocated on the float checkpoint in
+  ``config.init_from`` within the BOPs of the uniform spec ``config.quant``
+  (``python -m aqt_ext.mixed_precision``, options ``config.mp``), written
+  to ``workdir/mp/``, then QAT fine-tuning of the float model with those
+  rules. A rerun after an interruption keeps the allocation it made and
+  resumes the training from its checkpoint."""
+  from aqt_ext import mixed_precision, train  # pylint: disable=g-import-not-at-top
+  out = os.path.join(workdir, MP_DIR)
+  rules = os.path.join(out, mixed_precision.RULES_FILE)
+  record_path = os.path.join(out, mixed_precision.ALLOCATION_FILE)
+  if not os.path.exists(record_path):
+    mixed_precision.run(config, config.init_from, out,
+                        budget_from=config.quant, command="sweep point",
+                        **config.mp.to_dict())
+  with open(record_path) as f:
+    record = json.load(f)
+  c = config.copy_and_resolve_references()
+  c.quant = rules
+  result = train.train_and_evaluate(c, workdir)
+  result["mp"] = {k: record[k] for k in (
+      "method", "budget_from", "budget_bops", "bops", "objective",
+      "sensitivity_time_s")}
+  result["mp"]["widths"] = {r["layer"]: [r["weight_bits"], r["input_bits"]]
+                            for r in record["layers"]}
+  _write_json(os.path.join(workdir, "result.json"), result)
+  return result
+
+
+def _write_json(path: str, obj: Any) -> None:
+  pareto.write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
 Runner = Callable[[ml_collections.ConfigDict, str], dict]
 # A runner trains and/or quantizes, evaluates, writes workdir/result.json
 # atomically (keys as train.train_and_evaluate's) and returns that result.
-RUNNERS: dict[str, Runner] = {"qat": run_qat, "ptq": run_ptq}
+RUNNERS: dict[str, Runner] = {"qat": run_qat, "ptq": run_ptq, "mp": run_mp}
 # PTQ methods quantize the sweep's float point of the same model, width and
 # seed (it runs first); options not named keep `pipeline.ptq_defaults()`.
 PTQ_METHODS: dict[str, dict[str, Any]] = {
@@ -170,7 +207,13 @@ METHODS: dict[str, Method] = {
     **{m: Method("qat", None if m == "uniform" else m)
        for m in QUANT_METHODS},
     **{m: Method("ptq", ptq=tuple(o.items())) for m, o in PTQ_METHODS.items()},
+    # Mixed precision within the BOPs of the point's uniform spec, allocated
+    # from the float point of the same model, width and seed, then
+    # fine-tuned (`run_mp`); the two sensitivity estimates.
+    "mp": Method("mp", ptq=(("method", "loss_delta"),)),
+    "mp_hessian": Method("mp", ptq=(("method", "hessian"),)),
 }
+_FROM_FLOAT = ("ptq", "mp")  # kinds that start from the sweep's float point
 
 
 # ---------------------------------------------------------------------------
@@ -187,6 +230,9 @@ class Point:
   first_last: int | None
   method: str | None  # None for an unquantized quant
   seed: int
+  # Training-config overrides of a point fine-tuned from its float point
+  # (the sweep's ``finetune``; mixed-precision points always start there).
+  finetune: tuple[tuple[str, Any], ...] = ()
 
   @property
   def spec(self) -> str:
@@ -209,19 +255,31 @@ class Point:
   def label(self) -> str:
     """The spec, with the method in front for PTQ (``pwlq_bc:w4a4_fl8``):
     one curve of the plot per label."""
-    return f"{self.method}:{self.spec}" if self.kind == "ptq" else self.spec
+    if self.kind in _FROM_FLOAT:
+      return f"{self.method}:{self.spec}"
+    return f"ft:{self.spec}" if self.finetune else self.spec
+
+  @property
+  def starts_from_float(self) -> bool:
+    return self.kind in _FROM_FLOAT or bool(self.finetune)
 
   @property
   def dependency(self) -> Point | None:
-    """The point whose checkpoint this one needs: a PTQ point's float point
-    (same model, width and seed); None for a training point."""
-    if self.kind != "ptq":
+    """The point whose checkpoint this one needs: the float point (same
+    model, width and seed) of a PTQ, mixed-precision or fine-tuned point;
+    None for a point trained from scratch."""
+    if not self.starts_from_float:
       return None
     return Point(self.model, self.width, "float", None, None, self.seed)
 
   @property
   def axes(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    axes = dataclasses.asdict(self)
+    if not self.finetune:
+      del axes["finetune"]  # the ids of points trained from scratch
+    else:
+      axes["finetune"] = [list(kv) for kv in self.finetune]
+    return axes
 
   @property
   def id(self) -> str:
@@ -241,6 +299,11 @@ class Point:
     if self.kind == "ptq":
       with c.unlocked():
         c.ptq = ml_collections.ConfigDict(dict(METHODS[self.method].ptq))
+    if self.kind == "mp":
+      with c.unlocked():
+        c.mp = ml_collections.ConfigDict(dict(METHODS[self.method].ptq))
+    for k, v in self.finetune:
+      c[k] = v
     return c
 
 
@@ -283,6 +346,17 @@ def _check_sweep(sweep: ml_collections.ConfigDict) -> None:
   for i, m in enumerate(sweep.methods):
     if m not in METHODS:
       raise _field_error(f"methods[{i}]", m, ", ".join(map(repr, METHODS)))
+  finetune = sweep.get("finetune")
+  if finetune is not None:
+    if not isinstance(finetune, (dict, ml_collections.ConfigDict)):
+      raise _field_error("finetune", finetune, "None or a dict of "
+                         "config.base fields")
+    for k in dict(finetune):
+      if k not in sweep.base or k in ("model", "width", "quant", "seed",
+                                      "init_from"):
+        raise _field_error(f"finetune.{k}", dict(finetune)[k],
+                           "a field of config.base other than model, width, "
+                           "quant, seed and init_from")
   for i, s in enumerate(sweep.seeds):
     if isinstance(s, bool) or not isinstance(s, int) or s < 0:
       raise _field_error(f"seeds[{i}]", s, "an int >= 0")
@@ -295,6 +369,7 @@ def make_points(sweep: ml_collections.ConfigDict) -> list[Point]:
   point's index in this list is its ``--point_index``.
   """
   _check_sweep(sweep)
+  finetune = tuple(sorted(dict(sweep.get("finetune") or {}).items()))
   points: dict[str, Point] = {}
   for (model, width), quant, fl, method, seed in itertools.product(
       sweep.models, sweep.quants, sweep.first_last, sweep.methods,
@@ -308,17 +383,22 @@ def make_points(sweep: ml_collections.ConfigDict) -> list[Point]:
           "allowed with a gradient suffix: the QAT methods")
     p = Point(model, float(width), quant, None if methodless else fl,
               None if methodless else method, seed)
+    if finetune and quant not in UNQUANTIZED and p.kind in ("qat", "mp"):
+      p = dataclasses.replace(p, finetune=finetune)
     try:
       parse_spec(p.spec)
     except ValueError as e:
       raise ValueError(f"config.quants / config.methods / config.first_last "
                        f"give the invalid spec {p.spec!r}: {e}") from None
     points.setdefault(p.id, p)
-  ptq = sorted({m for m in sweep.methods if METHODS[m].kind == "ptq"})
+  ptq = sorted({m for m in sweep.methods if METHODS[m].kind in _FROM_FLOAT})
   if ptq and "float" not in sweep.quants:
-    raise ValueError(f"config.methods has the PTQ method(s) {ptq}, which "
-                     "quantize the sweep's float model: add 'float' to "
-                     "config.quants")
+    raise ValueError(f"config.methods has the PTQ or mixed-precision "
+                     f"method(s) {ptq}, which start from the sweep's float "
+                     "model: add 'float' to config.quants")
+  if finetune and "float" not in sweep.quants:
+    raise ValueError("config.finetune fine-tunes the sweep's float model: "
+                     "add 'float' to config.quants")
   return list(points.values())
 
 
@@ -426,7 +506,7 @@ def _point_config(point: Point, base: ml_collections.ConfigDict,
     status = run_point(dep, base, sweep_dir)
     if status not in ("ok", "skipped", "recovered"):
       raise DependencyError(
-          f"the float point {dep.id} that this PTQ point quantizes failed; "
+          f"the float point {dep.id} that this point starts from failed; "
           f"see {os.path.join(point_workdir(sweep_dir, dep), 'log.txt')} or "
           f"its line in {RESULTS_FILE}")
     config.init_from = point_workdir(sweep_dir, dep)

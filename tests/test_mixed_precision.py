@@ -102,16 +102,26 @@ def test_hutchinson_traces_match_the_exact_hessian():
     assert abs(estimate - exact) <= 4 * se, (k, estimate, exact, se)
 
 
-def test_command_rules_round_trip_through_the_cost_model(fashion_mnist_dir,
-                                                         tmp_path):
-  config = tiny_config(fashion_mnist_dir, model="cifar_resnet8", width=0.25,
-                       quant="float", batch_size=64)
+def test_sweep_point_rules_round_trip_through_the_cost_model(
+    fashion_mnist_dir, tmp_path):
+  """A sweep's mixed-precision point (`sweep.run_mp`): allocation within the
+  BOPs of uniform w4a4_fl8 on a float checkpoint, then fine-tuning with the
+  rules; the trained model's widths (through the cost model) are the
+  allocated ones, layer by layer and in total."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from aqt_ext import sweep  # pylint: disable=g-import-not-at-top
   net = models.create_model("cifar_resnet8", num_classes=10, width=0.25)
   save_checkpoint(str(tmp_path / "ckpt"), random_variables(net))
-  out = str(tmp_path / "mp")
-  record = mixed_precision.run(
-      config, str(tmp_path / "ckpt"), out, budget_from="w4a4_fl8",
-      bits=(2, 4, 8), num_batches=1)
+  config = tiny_config(fashion_mnist_dir, model="cifar_resnet8", width=0.25,
+                       quant="w4a4_fl8", num_epochs=0.125,
+                       init_from=str(tmp_path / "ckpt"))
+  with config.unlocked():
+    config.mp = ml_collections.ConfigDict(dict(
+        method="loss_delta", bits=(2, 4, 8), num_batches=1))
+  workdir = str(tmp_path / "point")
+  result = sweep.run_mp(config, workdir)
+  out = os.path.join(workdir, sweep.MP_DIR)
+  record = json.load(open(os.path.join(out, "allocation.json")))
   rules = qconfig.parse_spec(os.path.join(out, "rules.json"))
   layers = cost.model_cost(models.create_model(
       "cifar_resnet8", num_classes=10, width=0.25, quant=rules), (28, 28, 1),
@@ -119,19 +129,17 @@ def test_command_rules_round_trip_through_the_cost_model(fashion_mnist_dir,
   used = {l.path: (l.weight_bits, l.input_bits) for l in layers}
   chosen = {r["layer"]: (r["weight_bits"], r["input_bits"])
             for r in record["layers"]}
-  assert used == chosen
+  assert used == chosen == {k: tuple(v) for k, v in
+                            result["mp"]["widths"].items()}
   assert used["conv_init"] == used["head"] == (8, 8)
-  total = sum(l.bops for l in layers)
-  assert total == record["bops"] <= record["budget_bops"]
-  assert record["budget_bops"] == cost.model_cost(models.create_model(
-      "cifar_resnet8", num_classes=10, width=0.25, quant=qconfig.parse_spec(
-          "w4a4_fl8", first=models.FIRST_LAYER, last=models.LAST_LAYER)),
-      (28, 28, 1), train=False).bops
-  # The allocation is the optimum of its own sensitivities.
-  assert len({w for w, _ in used.values()}) >= 1
-  saved = json.load(open(os.path.join(out, "allocation.json")))
-  assert saved["layers"] == record["layers"]
+  assert result["bops"] == record["bops"] == sum(l.bops for l in layers)
+  assert record["bops"] <= record["budget_bops"]
+  assert record["budget_bops"] == mixed_precision.budget_of(
+      config, 10, (28, 28, 1), "w4a4_fl8")
+  assert result["config"]["quant"] == os.path.join(out, "rules.json")
   assert open(os.path.join(out, "table.md")).read().startswith("| layer |")
+  assert json.load(open(os.path.join(workdir, "result.json")))["mp"] == (
+      result["mp"])
 
 
 def test_infeasible_budget_fails_before_any_work(fashion_mnist_dir, tmp_path):

@@ -166,6 +166,50 @@ def test_low_precision_training_quants():
     sweep.make_points(bad)
 
 
+def test_mixed_precision_and_finetuned_points():
+  """'mp' points take their budget from the uniform spec, start from the
+  float point, and carry their allocation options; with ``finetune`` the
+  quantized QAT points start there too, under other ids and labels than
+  points trained from scratch."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict(dict(
+      base=dict(num_epochs=3.0, learning_rate=0.1, model="x", width=1.0,
+                quant="", seed=0, init_from=None),
+      models=(("cifar_resnet20", 1.0),), quants=("float", "w4a4"),
+      first_last=(8,), methods=("uniform", "mp", "mp_hessian"), seeds=(0,)))
+  scratch = {p.label: p for p in sweep.make_points(c)}
+  assert sorted(scratch) == ["float", "mp:w4a4_fl8", "mp_hessian:w4a4_fl8",
+                             "w4a4_fl8"]
+  mp, float_point = scratch["mp:w4a4_fl8"], scratch["float"]
+  assert mp.kind == "mp" and mp.dependency == float_point
+  assert scratch["w4a4_fl8"].dependency is None
+  cfg = mp.config(c.base)
+  assert cfg.quant == "w4a4_fl8" and cfg.mp.to_dict() == dict(
+      method="loss_delta")
+  assert scratch["mp_hessian:w4a4_fl8"].config(c.base).mp.method == "hessian"
+  c.finetune = dict(num_epochs=1.0, learning_rate=0.02)
+  tuned = {p.label: p for p in sweep.make_points(c)}
+  assert sorted(tuned) == ["float", "ft:w4a4_fl8", "mp:w4a4_fl8",
+                           "mp_hessian:w4a4_fl8"]
+  ft = tuned["ft:w4a4_fl8"]
+  assert ft.dependency == float_point == tuned["float"]
+  assert ft.id != scratch["w4a4_fl8"].id and tuned["float"].id == (
+      float_point.id)
+  assert tuned["mp:w4a4_fl8"].id != mp.id
+  cfg = ft.config(c.base)
+  assert (cfg.num_epochs, cfg.learning_rate, cfg.quant) == (1.0, 0.02,
+                                                            "w4a4_fl8")
+  assert tuned["float"].config(c.base).num_epochs == 3.0
+  c.finetune = dict(quant="w2a2")
+  with pytest.raises(ValueError, match=r"config.finetune.quant='w2a2' is "
+                     "not allowed.*other than model, width, quant"):
+    sweep.make_points(c)
+  c.finetune, c.quants = None, ("w4a4",)
+  with pytest.raises(ValueError, match=r"mixed-precision method\(s\) "
+                     r"\['mp', 'mp_hessian'\]"):
+    sweep.make_points(c)
+
+
 def test_ptq_points_depend_on_the_float_point():
   import ml_collections  # pylint: disable=g-import-not-at-top
   c = ml_collections.ConfigDict(dict(
@@ -200,8 +244,8 @@ def test_ptq_points_depend_on_the_float_point():
   assert sweep._ready([i_pw, i_u], running, points) == i_u  # pylint: disable=protected-access
   assert sweep._ready([i_pw], [], points) == i_pw  # pylint: disable=protected-access
   c.quants = ("w4a4",)
-  with pytest.raises(ValueError, match=r"PTQ method\(s\) \['pwlq_bc', 'rex'\]"
-                     r".*add 'float' to config.quants"):
+  with pytest.raises(ValueError, match=r"PTQ or mixed-precision method\(s\) "
+                     r"\['pwlq_bc', 'rex'\].*add 'float' to config.quants"):
     sweep.make_points(c)
 
 
