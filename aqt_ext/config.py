@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from typing import Any, Iterable, Mapping, Sequence
 
+from aqt_ext.fileio import write_text_atomic
 from aqt_ext.core.methods import REGISTRY
 
 METHODS = REGISTRY.names()
@@ -515,11 +515,8 @@ def from_dict(d: Mapping[str, Any], where: str = "rules") -> ModelQuant:
 def save_rules(mq: ModelQuant, path: str) -> None:
   """Writes `mq` as a JSON rules file (atomically) that `parse_spec` (and
   so a training config's ``quant``) reads back."""
-  text = json.dumps(to_dict(mq), indent=1, sort_keys=True) + "\n"
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  write_text_atomic(path, json.dumps(to_dict(mq), indent=1,
+                                        sort_keys=True) + "\n")
 
 
 def load_rules(path: str) -> ModelQuant:

@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
+from aqt_ext import fileio
 from aqt_ext import config as qconfig
 from aqt_ext.search import allocate as al
 
@@ -88,13 +89,6 @@ def format_table(allocation: al.Allocation) -> str:
              f"{allocation.weight_bits:,.0f} bits | "
              f"{allocation.objective:.3g} |")
   return "\n".join(out) + "\n"
-
-
-def _write(path: str, text: str) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def run(config: ml_collections.ConfigDict, checkpoint: str, out: str, *,
@@ -177,8 +171,8 @@ def run(config: ml_collections.ConfigDict, checkpoint: str, out: str, *,
       sensitivity_time_s=round(sens_time, 2),
       wall_time_s=round(time.time() - t0, 2))
   qconfig.save_rules(rules, os.path.join(out, RULES_FILE))
-  _write(os.path.join(out, TABLE_FILE), format_table(allocation))
-  _write(os.path.join(out, ALLOCATION_FILE),
+  fileio.write_text_atomic(os.path.join(out, TABLE_FILE), format_table(allocation))
+  fileio.write_text_atomic(os.path.join(out, ALLOCATION_FILE),
          json.dumps(record, indent=1) + "\n")
   return record
 

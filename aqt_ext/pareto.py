@@ -20,8 +20,9 @@ import dataclasses
 import io
 import json
 import os
-import tempfile
 from typing import Any, Iterable, Mapping, Sequence
+
+from aqt_ext import fileio
 
 CONFIG_AXES = ("model", "width", "quant", "first_last", "method")
 REPORT_FILES = ("summary.md", "frontier.csv", "pareto.png")
@@ -440,17 +441,7 @@ def plot_pareto(rows: Sequence[Row], title: str = "") -> bytes:
 # Files.
 # ---------------------------------------------------------------------------
 
-def write_bytes_atomic(path: str, data: bytes) -> None:
-  """Writes `data` to a temp file beside `path`, fsyncs, renames over it."""
-  directory = os.path.dirname(path) or "."
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile("wb", dir=directory, delete=False,
-                                   suffix=".tmp") as f:
-    os.fchmod(f.fileno(), 0o644)  # a temp file starts at 0o600
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(f.name, path)
+write_bytes_atomic = fileio.write_bytes_atomic  # the package's one writer
 
 
 def write_report(rows: Sequence[Row], failed: Sequence[Mapping[str, Any]],

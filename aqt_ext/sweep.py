@@ -98,7 +98,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import ml_collections
 
-from aqt_ext import pareto
+from aqt_ext import fileio, pareto
 from aqt_ext.config import MAX_BITS, MIN_BITS, QUANT_METHODS, parse_spec
 
 RESULTS_FILE = "results.jsonl"
@@ -180,12 +180,8 @@ def run_mp(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "sensitivity_time_s")}
   result["mp"]["widths"] = {r["layer"]: [r["weight_bits"], r["input_bits"]]
                             for r in record["layers"]}
-  _write_json(os.path.join(workdir, "result.json"), result)
+  fileio.write_json_atomic(os.path.join(workdir, "result.json"), result)
   return result
-
-
-def _write_json(path: str, obj: Any) -> None:
-  pareto.write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 Runner = Callable[[ml_collections.ConfigDict, str], dict]

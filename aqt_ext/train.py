@@ -29,7 +29,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from typing import Any, Sequence
 
@@ -44,6 +43,7 @@ from flax import struct
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from aqt_ext import fileio
 from aqt_ext import cost as cost_lib
 from aqt_ext import data as data_lib
 from aqt_ext import models
@@ -715,15 +715,7 @@ def load_variables(workdir: str, collections: Sequence[str], what: str,
   return {c: tree[c] for c in collections if tree.get(c)}
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-  d = os.path.dirname(path) or "."
-  os.makedirs(d, exist_ok=True)
-  with tempfile.NamedTemporaryFile("w", dir=d, delete=False,
-                                   suffix=".tmp") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(f.name, path)
+write_json_atomic = fileio.write_json_atomic
 
 
 # ---------------------------------------------------------------------------
