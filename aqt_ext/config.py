@@ -456,9 +456,15 @@ def to_dict(cfg: Any) -> Any:
   return out
 
 
+def _plain_mapping(d: Any) -> Any:
+  """A ConfigDict (anything with ``to_dict``) as a dict; else `d`."""
+  return d.to_dict() if callable(getattr(d, "to_dict", None)) else d
+
+
 def _from_dict(cls: type, d: Any, where: str) -> Any:
   if isinstance(d, cls):
     return d
+  d = _plain_mapping(d)
   if not isinstance(d, Mapping):
     raise ValueError(f"{where} must be a dict of {cls.__name__} fields; got "
                      f"{d!r}")
@@ -485,7 +491,8 @@ def from_dict(d: Mapping[str, Any], where: str = "rules") -> ModelQuant:
   their defaults; a LayerQuant value may also be a spec string such as
   ``"w4a4"``, whose default layer it means). Everything the shorthand spec
   cannot say, per layer. Unknown fields and bad values are errors that name
-  where they are."""
+  where they are. A ConfigDict works as a dict."""
+  d = _plain_mapping(d)
   if not isinstance(d, Mapping):
     raise ValueError(f"{where} must be a dict with 'default' and 'rules'")
   unknown = sorted(set(d) - {"default", "rules"})

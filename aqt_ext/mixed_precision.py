@@ -171,9 +171,10 @@ def run(config: ml_collections.ConfigDict, checkpoint: str, out: str, *,
       sensitivity_time_s=round(sens_time, 2),
       wall_time_s=round(time.time() - t0, 2))
   qconfig.save_rules(rules, os.path.join(out, RULES_FILE))
-  fileio.write_text_atomic(os.path.join(out, TABLE_FILE), format_table(allocation))
+  fileio.write_text_atomic(os.path.join(out, TABLE_FILE),
+                           format_table(allocation))
   fileio.write_text_atomic(os.path.join(out, ALLOCATION_FILE),
-         json.dumps(record, indent=1) + "\n")
+                           json.dumps(record, indent=1) + "\n")
   return record
 
 

@@ -170,6 +170,9 @@ def test_structured_rules_round_trip_and_errors(tmp_path):
                            ) == qconfig.ModelQuant(
       default=qconfig.parse_spec("w4a4").default,
       rules=(("head", qconfig.parse_spec("w8a8").default),))
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  assert qconfig.from_dict(ml_collections.ConfigDict(qconfig.to_dict(mq))
+                           ) == mq
   for bad, msg in [
       ({"default": {"weight": {"bitz": 3}}},
        r"rules.default.weight has the unknown field\(s\) \['bitz'\]; "
