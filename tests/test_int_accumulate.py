@@ -59,6 +59,14 @@ def test_mixed_dtypes_exact():
   got = int_ops.accumulate(jnp.asarray(a), jnp.asarray(b), _dot, 2000)
   np.testing.assert_array_equal(
       np.asarray(got), a.astype(np.int64) @ b.astype(np.int64))
+  # The bounds are the operands' own (255, 128), not int16's after the
+  # common cast: digits of a, float32 contractions only.
+  assert int_ops.accumulate_plan(2000, 255, 128) == (2, 1)
+  jaxpr = jax.make_jaxpr(lambda x, y: int_ops.accumulate(x, y, _dot, 2000))(
+      a, b)
+  dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert len(dots) == 2 and all(
+      v.aval.dtype == jnp.float32 for e in dots for v in e.invars)
 
 
 @pytest.mark.parametrize("stride,groups", [(1, 1), (2, 2)])

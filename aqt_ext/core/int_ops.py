@@ -101,10 +101,10 @@ def accumulate(a: jax.Array, b: jax.Array, op: Callable[..., jax.Array],
   accumulation, exactly (module docstring): natively off CPU, in float32 on
   CPU. `terms`: an upper bound on the products summed into one output;
   `a_bound`, `b_bound`: on |a|, |b| (default: their dtypes')."""
-  if a.dtype != b.dtype:
-    a, b = a.astype(jnp.int16), b.astype(jnp.int16)
   a_bound = int_bound(a) if a_bound is None else a_bound
   b_bound = int_bound(b) if b_bound is None else b_bound
+  if a.dtype != b.dtype:
+    a, b = a.astype(jnp.int16), b.astype(jnp.int16)
   plan = (accumulate_plan(terms, a_bound, b_bound)
           if jax.default_backend() == "cpu" else None)
   if plan is None:
