@@ -114,9 +114,8 @@ def run(config: ml_collections.ConfigDict, checkpoint: str, out: str, *,
     raise ValueError(f"fixed_first_last={fixed_first_last!r} is not allowed; "
                      "allowed: 0 (allocate them) or bits in 2..8")
   cands = candidates_of(bits)
-  if budget_from is not None:
-    if budget_bops is not None:
-      raise ValueError("give budget_bops or budget_from, not both")
+  if budget_from is not None and budget_bops is not None:
+    raise ValueError("give budget_bops or budget_from, not both")
   info = data_lib.get_info(config.dataset, config.data_dir)
   image_shape = tuple(info.image_shape)
   if budget_from is not None:
