@@ -24,6 +24,7 @@ Fashion-MNIST can be prepared offline from the Debian package
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import functools
 import gzip
 import json
@@ -264,13 +265,20 @@ def ensure_prepared(name: str, data_dir: str | os.PathLike[str] | None = None
   """
   _spec(name)
   resolved = _resolve_data_dir(data_dir)
-  builder = _tfds().builder(name, data_dir=resolved)
-  if builder.is_prepared():
+  if _tfds().builder(name, data_dir=resolved).is_prepared():
     return
-  if name == "fashion_mnist" and LOCAL_FASHION_MNIST_DIR.is_dir():
-    _build_from_local_files(builder, LOCAL_FASHION_MNIST_DIR)
-    return
-  raise DataNotFoundError(_missing_data_message(name, resolved))
+  if not (name == "fashion_mnist" and LOCAL_FASHION_MNIST_DIR.is_dir()):
+    raise DataNotFoundError(_missing_data_message(name, resolved))
+  # Several processes (sweep workers, test workers) may start on a machine
+  # where the dataset is not prepared yet: one builds it, under an exclusive
+  # flock, and the others wait and then find it prepared (TFDS's own final
+  # rename fails when two builds race).
+  os.makedirs(resolved, exist_ok=True)
+  with open(os.path.join(resolved, f".{name}.prepare.lock"), "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    builder = _tfds().builder(name, data_dir=resolved)
+    if not builder.is_prepared():
+      _build_from_local_files(builder, LOCAL_FASHION_MNIST_DIR)
 
 
 def _prepared_builder(name: str, data_dir: str) -> Any:

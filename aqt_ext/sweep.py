@@ -66,16 +66,18 @@ Kill-and-rerun safety. Rerunning the same command continues the sweep:
   starts on a new line.
 * The analysis files are written atomically (temp file + os.replace).
 
-Beyond one machine (SLURM; the cluster file system must support flock)::
+Beyond one machine: ``--executor=slurm`` submits the unfinished points to a
+SLURM scheduler as job arrays, with the resources of the sweep config's
+optional ``slurm`` field (partition, time, cpus_per_task, gpus_per_task,
+gres, mem, account, ...; `aqt_ext.slurm.OPTIONS`), follows them with squeue
+and writes the same results and analysis; the sweep directory must be on a
+file system the nodes share (with flock)::
 
-  python scripts/slurm_sweep.py --config=configs/sweep_fashion_mnist.py \\
-      --workdir=/shared/sweep --sbatch=time=04:00:00 --sbatch=gres=gpu:1 \\
-      > sweep.sbatch
-  sbatch sweep.sbatch  # task i: python -m aqt_ext.sweep ... --point_index=i
-  python -m aqt_ext.sweep --workdir=/shared/sweep --analyze_only  # when done
+  python -m aqt_ext.sweep --config=configs/sweep_fashion_mnist.py \\
+      --workdir=/shared/sweep --executor=slurm
 
-Array tasks share the results layout above; a requeued or resubmitted task
-resumes its point, a finished one exits at once.
+A killed driver's arrays keep running; rerunning it follows them instead of
+submitting them again, then submits what failed or was cancelled.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import ml_collections
 
-from aqt_ext import fileio, pareto
+from aqt_ext import fileio, pareto, slurm
 from aqt_ext.config import MAX_BITS, MIN_BITS, QUANT_METHODS, parse_spec
 
 RESULTS_FILE = "results.jsonl"
@@ -353,6 +355,8 @@ def _check_sweep(sweep: ml_collections.ConfigDict) -> None:
         raise _field_error(f"finetune.{k}", dict(finetune)[k],
                            "a field of config.base other than model, width, "
                            "quant, seed and init_from")
+  if sweep.get("slurm") is not None:
+    slurm.check_options(dict(sweep.slurm))
   for i, s in enumerate(sweep.seeds):
     if isinstance(s, bool) or not isinstance(s, int) or s < 0:
       raise _field_error(f"seeds[{i}]", s, "an int >= 0")
@@ -482,7 +486,7 @@ def point_lock(workdir: str) -> Iterator[None]:
     yield
 
 
-def _line(point: Point, status: str, **fields) -> dict:
+def point_line(point: Point, status: str, **fields) -> dict:
   return {**fields, "id": point.id, "axes": point.axes, "spec": point.spec,
           "label": point.label, "kind": point.kind, "status": status,
           "recorded_at": time.time()}
@@ -523,18 +527,18 @@ def run_point(point: Point, base: ml_collections.ConfigDict,
     result_path = os.path.join(workdir, "result.json")
     if os.path.exists(result_path):
       with open(result_path) as f:
-        append_record(results, _line(point, "ok", **json.load(f)))
+        append_record(results, point_line(point, "ok", **json.load(f)))
       return "recovered"
     try:
       result = RUNNERS[point.kind](_point_config(point, base, sweep_dir),
                                    workdir)
     except Exception as e:  # pylint: disable=broad-except
       traceback.print_exc()
-      append_record(results, _line(
+      append_record(results, point_line(
           point, "failed", error=f"{type(e).__name__}: {e}",
           traceback=traceback.format_exc()))
       return "failed"
-    append_record(results, _line(point, "ok", **result))
+    append_record(results, point_line(point, "ok", **result))
     return "ok"
 
 
@@ -681,7 +685,7 @@ def _hms(seconds: float) -> str:
   return f"{h}h{m:02d}m{s % 60:02d}s" if h else f"{m}m{s % 60:02d}s"
 
 
-class _Progress:
+class Progress:
   """Prints one line per finished point: done/total, elapsed, ETA."""
 
   def __init__(self, total: int, done: int):
@@ -702,7 +706,10 @@ class _Progress:
           flush=True)
 
 
-def _tail(path: str, lines: int = 30) -> str:
+def tail(path: str, lines: int = 30) -> str:
+  """The last `lines` lines of the log `path` (a note if it is missing)."""
+  if not os.path.exists(path):
+    return f"({path} does not exist)"
   with open(path, errors="replace") as f:
     return "".join(f.readlines()[-lines:])
 
@@ -717,16 +724,16 @@ class _Worker:
 
 
 def _finish(w: _Worker, point: Point, sweep_dir: str,
-            progress: _Progress) -> bool:
+            progress: Progress) -> bool:
   """Reports a worker that exited; records a crash no line recorded.
   Returns whether the point failed."""
   results = os.path.join(sweep_dir, RESULTS_FILE)
   rc = w.proc.returncode
   if rc not in (0, EXIT_POINT_FAILED):  # died before it could record itself
     how = (f"signal {signal.Signals(-rc).name}" if rc < 0 else f"status {rc}")
-    append_record(results, _line(
+    append_record(results, point_line(
         point, "failed", error=f"worker exited with {how}; log: {w.log}",
-        traceback=_tail(w.log)))
+        traceback=tail(w.log)))
   record = latest_records(read_results(results)[0]).get(point.id, {})
   status = record.get("status", "failed")
   progress.report(point, status, time.time() - w.started, record)
@@ -769,7 +776,7 @@ def run_local(points: Sequence[Point], sweep_dir: str,
   print(f"sweep {sweep_dir}: {len(points)} points, "
         f"{len(points) - len(todo)} finished, {len(todo)} to run on "
         f"{parallel} {backend} worker(s)", flush=True)
-  progress = _Progress(len(points), len(points) - len(todo))
+  progress = Progress(len(points), len(points) - len(todo))
   running: list[_Worker] = []
   free = list(range(parallel))
   failures = 0
@@ -802,44 +809,108 @@ def run_local(points: Sequence[Point], sweep_dir: str,
 
 
 # ---------------------------------------------------------------------------
-# SLURM.
+# SLURM executor (the scheduler's side: `aqt_ext.slurm`).
 # ---------------------------------------------------------------------------
 
-def slurm_script(worker_args: Sequence[str], sweep_dir: str, num_points: int,
-                 sbatch: Mapping[str, str] | None = None,
-                 max_parallel: int = 0,
-                 python: str = sys.executable, cwd: str | None = None) -> str:
-  """A job-array script whose task i runs ``--point_index=i``.
+def run_slurm(points: Sequence[Point], sweep_dir: str,
+              worker_args: Sequence[str],
+              options: Mapping[str, Any] | None) -> int:
+  """Submits the unfinished `points` as SLURM job arrays (or follows the
+  arrays a killed driver submitted, `aqt_ext.slurm`), waits for them and
+  returns the number of points that failed."""
+  options = slurm.check_options(options)
+  os.makedirs(os.path.join(sweep_dir, slurm.SLURM_DIR), exist_ok=True)
+  name = slurm.job_name(sweep_dir)
+  ids = [p.id for p in points]
+  # Arrays a previous driver submitted that still have tasks in the queue.
+  followed: dict[str, slurm.Submission] = {}
+  live: set[int] = set()
+  for (job, task), (_, comment) in slurm.live_tasks(name).items():
+    if job not in followed:
+      followed[job] = slurm.Submission.load(sweep_dir, comment)
+      followed[job].check_indices(ids, job, sweep_dir)
+    live.update(followed[job].tasks[task])
+  if followed:
+    print(f"following the SLURM array(s) {', '.join(followed)} submitted "
+          f"before ({len(live)} point(s) still queued or running)",
+          flush=True)
+  latest = latest_records(read_results(os.path.join(sweep_dir,
+                                                    RESULTS_FILE))[0])
+  todo = [i for i, p in enumerate(points)
+          if i not in live and not is_finished(sweep_dir, p, latest)]
+  pending = {ids[i] for i in todo} | {ids[i] for i in live}
+  # Points that need a float point still to run go in a second array that
+  # starts after every array running one of those float points.
+  first = [i for i in todo if points[i].dependency is None
+           or points[i].dependency.id not in pending]
+  second = [i for i in todo if i not in first]
+  submitted: dict[str, slurm.Submission] = {}
+  for group in (first, second):
+    if not group:
+      continue
+    deps = ({points[i].dependency.id for i in group} if group is second
+            else set())
+    after = [job for job, sub in {**followed, **submitted}.items()
+             if deps & sub.all_point_ids()]
+    sub = slurm.submit(sweep_dir, group, [ids[i] for i in group],
+                       worker_args, options, depends_on=after)
+    submitted[sub.job_id] = sub
+    print(f"submitted SLURM array {sub.job_id} ({name}): {len(group)} "
+          f"point(s) in {len(sub.tasks)} task(s)"
+          + (f", after {', '.join(after)}" if after else "")
+          + f"; logs {os.path.join(sweep_dir, slurm.SLURM_DIR)}/"
+          f"{sub.job_id}_<task>.out", flush=True)
+  done = len(points) - len(todo) - len(live)
+  print(f"sweep {sweep_dir}: {len(points)} points, {done} finished, "
+        f"{len(points) - done} in SLURM", flush=True)
+  return _follow_slurm(points, sweep_dir, {**followed, **submitted},
+                       options["poll_s"], Progress(len(points), done))
 
-  `sbatch` adds ``#SBATCH --key=value`` lines (e.g. time, partition, gres);
-  `max_parallel` > 0 caps the tasks running at once (``--array=...%N``).
-  Task logs go to ``sweep_dir/slurm/``.
-  """
-  sweep_dir = os.path.abspath(sweep_dir)
-  cwd = cwd or os.getcwd()
-  array = f"0-{num_points - 1}" + (f"%{max_parallel}" if max_parallel else "")
-  options = {"job-name": "aqt_sweep", "array": array,
-             "output": os.path.join(sweep_dir, "slurm", "%A_%a.out"),
-             **(sbatch or {})}
-  run = " ".join(shlex.quote(a) for a in (
-      python, "-m", "aqt_ext.sweep", *worker_args, f"--workdir={sweep_dir}"))
-  analyze_cmd = " ".join(shlex.quote(a) for a in (
-      python, "-m", "aqt_ext.sweep", f"--workdir={sweep_dir}",
-      "--analyze_only"))
-  lines = [
-      "#!/bin/bash",
-      f"# Pareto sweep of {num_points} points, one array task each "
-      "(aqt_ext/sweep.py).",
-      "# Submit: sbatch THIS_FILE. A resubmitted task resumes its point; a",
-      "# finished point exits at once. When all are done, analyze:",
-      f"#   {analyze_cmd}",
-      *(f"#SBATCH --{k}={v}" for k, v in options.items()),
-      "set -euo pipefail",
-      f"cd {shlex.quote(cwd)}",
-      f"export PYTHONPATH={shlex.quote(cwd)}${{PYTHONPATH:+:$PYTHONPATH}}",
-      f'exec {run} --point_index="$SLURM_ARRAY_TASK_ID"',
-  ]
-  return "\n".join(lines) + "\n"
+
+def _follow_slurm(points: Sequence[Point], sweep_dir: str,
+                  tracked: Mapping[str, slurm.Submission], poll_s: float,
+                  progress: Progress) -> int:
+  """Polls squeue until every task of `tracked` has left the queue, printing
+  the queue's view when it changes; a point whose task ended without its
+  line gets a 'failed' line with the task's final state. Returns the number
+  of points that failed."""
+  results = os.path.join(sweep_dir, RESULTS_FILE)
+  name = slurm.job_name(sweep_dir)
+  remaining = {(job, t) for job, sub in tracked.items()
+               for t in range(len(sub.tasks))}
+  t0 = time.time()
+  failures, last_view = 0, None
+  while remaining:
+    queue = slurm.live_tasks(name)
+    states = [queue[k][0] for k in remaining if k in queue]
+    view = (states.count("PENDING"), states.count("RUNNING"),
+            len(states) - states.count("PENDING") - states.count("RUNNING"))
+    if view != last_view:
+      print(f"slurm: {view[0]} task(s) queued, {view[1]} running"
+            + (f", {view[2]} in another state" if view[2] else "")
+            + f" | {progress.done}/{progress.total} points done", flush=True)
+      last_view = view
+    for job, task in sorted(k for k in remaining if k not in queue):
+      remaining.discard((job, task))
+      sub = tracked[job]
+      latest = latest_records(read_results(results)[0])
+      state = None
+      for index in sub.tasks[task]:
+        point = points[index]
+        record = latest.get(point.id, {})
+        if record.get("recorded_at", 0) < sub.submitted_at:
+          state = state or slurm.final_state(job, task)
+          log = os.path.join(sweep_dir, slurm.SLURM_DIR, f"{job}_{task}.out")
+          record = point_line(
+              point, "failed", error=f"SLURM task {job}_{task} ended "
+              f"({state}) without recording this point; log: {log}",
+              traceback=tail(log))
+          append_record(results, record)
+        failures += record["status"] != "ok"
+        progress.report(point, record["status"], time.time() - t0, record)
+    if remaining:
+      time.sleep(poll_s)
+  return failures
 
 
 # ---------------------------------------------------------------------------
@@ -858,6 +929,9 @@ def define_flags() -> None:
                        "count on CPU, GPU count on GPUs).", lower_bound=1)
   flags.DEFINE_integer("point_index", None, "Run only this point (e.g. "
                        "$SLURM_ARRAY_TASK_ID).", lower_bound=0)
+  flags.DEFINE_enum("executor", "local", ["local", "slurm"], "local: worker "
+                    "processes on this machine; slurm: SLURM job arrays "
+                    "(options in the sweep config's 'slurm' field).")
   flags.DEFINE_bool("analyze_only", False, "Only redraw the analysis from "
                     "results.jsonl.")
   flags.mark_flags_as_required(["workdir"])
@@ -896,8 +970,15 @@ def main(argv: Sequence[str]) -> int:
   if f.point_index is not None:
     return _run_one(points, f.config.base, sweep_dir, f.point_index)
   t0 = time.time()
-  failures = run_local(points, sweep_dir, config_args(sys.argv[1:]),
-                       f.parallel)
+  if f.executor == "slurm":
+    if f.parallel is not None:
+      raise app.UsageError("--parallel is for --executor=local; with "
+                           "--executor=slurm set config.slurm.max_parallel")
+    failures = run_slurm(points, sweep_dir, config_args(sys.argv[1:]),
+                         f.config.get("slurm"))
+  else:
+    failures = run_local(points, sweep_dir, config_args(sys.argv[1:]),
+                         f.parallel)
   print(analyze(sweep_dir), end="", flush=True)
   print(f"sweep done in {_hms(time.time() - t0)}; {failures} point(s) failed"
         + (" (rerun to retry)" if failures else "") + f"; see {sweep_dir}",

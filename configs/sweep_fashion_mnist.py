@@ -6,8 +6,9 @@ w4a4, w3a3, w2a2} (first/last layer at 8 bits) x {uniform, LSQ} QAT x 3
 seeds: 7 x (1 + 4 x 2) x 3 = 189 points, each 30 epochs of the full training
 set with augmentation. Meant for GPUs or a SLURM cluster:
 
-  python scripts/slurm_sweep.py --config=configs/sweep_fashion_mnist.py \\
-      --workdir=/shared/sweeps/fmnist --sbatch=gres=gpu:1 > sweep.sbatch
+  python -m aqt_ext.sweep --config=configs/sweep_fashion_mnist.py \\
+      --workdir=/shared/sweeps/fmnist --executor=slurm \\
+      --config.slurm.partition=gpu
   # or locally: python -m aqt_ext.sweep --config=configs/sweep_fashion_mnist.py
   #   --workdir=DIR
 """
@@ -39,4 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.first_last = (8,)
   c.methods = ("uniform", "lsq")
   c.seeds = (0, 1, 2)
+  # --executor=slurm: one GPU per point (edit for your cluster, or
+  # override, e.g. --config.slurm.partition=a100 --config.slurm.account=me).
+  c.slurm = ml_collections.ConfigDict(dict(
+      partition="gpu", time="08:00:00", cpus_per_task=8, gpus_per_task=1,
+      max_parallel=0, points_per_task=1))
   return c

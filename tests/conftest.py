@@ -47,22 +47,35 @@ def fashion_mnist_dir(tmp_path_factory):
   """A fresh TFDS data dir with Fashion-MNIST built offline (about 20 s)
   from the Debian package's IDX files (`require_local_fashion_mnist`: where
   they are absent, fails under CI and skips elsewhere). Built once per test
-  run: pytest-xdist workers share it (the first builds it under a lock, the
-  others wait for it), read-only from then on."""
-  import fcntl  # pylint: disable=g-import-not-at-top
+  run: pytest-xdist workers share it and call `ensure_prepared` at the same
+  time, so this also checks its lock (the first builds, the others wait and
+  find it prepared); read-only from then on."""
   from aqt_ext import data  # pylint: disable=g-import-not-at-top
   require_local_fashion_mnist()
   root = tmp_path_factory.getbasetemp()
   if os.environ.get("PYTEST_XDIST_WORKER"):
     root = root.parent  # the run's directory, above each worker's own
   data_dir = root / "tfds_shared"
-  with open(root / "tfds_shared.lock", "a") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-      if not (data_dir / "READY").exists():
-        data_dir.mkdir(exist_ok=True)
-        data.ensure_prepared("fashion_mnist", data_dir)
-        (data_dir / "READY").touch()
-    finally:
-      fcntl.flock(lock, fcntl.LOCK_UN)
+  data.ensure_prepared("fashion_mnist", data_dir)
   return data_dir
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+  """A real single-node SLURM cluster (`slurm_cluster.LocalSlurm`: Debian's
+  packages, installed when missing; 2 CPUs), stopped at the end. Where it
+  cannot run (not root, no apt) it fails under CI and skips elsewhere."""
+  import slurm_cluster as lib  # pylint: disable=g-import-not-at-top
+  why = lib.unavailable()
+  if why:
+    if on_ci():
+      pytest.fail(f"CI={os.environ['CI']}: {why}", pytrace=False)
+    pytest.skip(why)
+  # A short path: slurmd's and munged's sockets live under it.
+  root = tempfile.mkdtemp(prefix="aqt_slurm_")
+  cluster = lib.LocalSlurm(root, cpus=2)
+  try:
+    yield cluster.start()
+  finally:
+    cluster.stop()
+    shutil.rmtree(root, ignore_errors=True)

@@ -10,12 +10,14 @@ the sweeps have as few points as what they test needs. Subprocess timeouts
 and waits are hang guards (`HANG_GUARD_S`), not speed limits.
 """
 
+import contextlib
 import fcntl
 import importlib.util
 import json
 import multiprocessing
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,7 +41,7 @@ TOO_NARROW = ("cifar_resnet8", 0.04)  # 0 channels: fails in model init
 
 
 def write_sweep_config(path, models, seeds, quants=("w4a4",),
-                       methods=("uniform",), **base):
+                       methods=("uniform",), slurm=None, **base):
   path.write_text(f"""
 import ml_collections
 from configs import base
@@ -54,6 +56,7 @@ def get_config():
   c.first_last = (None,)
   c.methods = {tuple(methods)!r}
   c.seeds = {tuple(seeds)!r}
+  c.slurm = {slurm!r}
   return c
 """)
   return path
@@ -434,44 +437,172 @@ def test_failing_point_is_recorded_and_the_others_finish(failed_sweep):
   assert "| cifar_resnet8 | 0.25 | w4a4 | rtn (PTQ) | 1 |" in summary
 
 
-def test_slurm_array_tasks_run_points_by_index(failed_sweep, fashion_mnist_dir,
-                                               worker_env, tmp_path):
-  workdir, config, _, points = failed_sweep
-  good, bad = points[1], points[3]  # rtn points: finished, failed
-  gen = subprocess.run(
-      [sys.executable, str(ROOT / "scripts" / "slurm_sweep.py"),
-       f"--config={config}", f"--config.base.data_dir={fashion_mnist_dir}",
-       f"--workdir={workdir}", "--sbatch=time=00:30:00",
-       "--sbatch=partition=cpu", "--max_parallel=4"],
-      env=worker_env, cwd=tmp_path, check=True, capture_output=True,
-      text=True, timeout=HANG_GUARD_S)
-  script = gen.stdout
-  assert script.startswith("#!/bin/bash\n")
-  for line in ("#SBATCH --array=0-3%4", "#SBATCH --time=00:30:00",
-               "#SBATCH --partition=cpu",
-               f"#SBATCH --output={workdir}/slurm/%A_%a.out",
-               f"cd {ROOT}"):
+def test_slurm_options_are_checked_and_written_as_sbatch_lines(tmp_path):
+  from aqt_ext import slurm  # pylint: disable=g-import-not-at-top
+  options = slurm.check_options(dict(
+      partition="gpu", time="04:00:00", gpus_per_task=1, mem="16G",
+      extra=("--exclusive", "--signal=USR1@90"), points_per_task=2))
+  assert options["cpus_per_task"] == 1 and options["max_parallel"] == 0
+  script = slurm.array_script(["--config=/c.py"], str(tmp_path),
+                              [[0, 2], [4]], options,
+                              header=["--array=0-1"], python="py", cwd="/r")
+  for line in ("#SBATCH --array=0-1", "#SBATCH --partition=gpu",
+               "#SBATCH --time=04:00:00", "#SBATCH --cpus-per-task=1",
+               "#SBATCH --gpus-per-task=1", "#SBATCH --mem=16G",
+               "#SBATCH --exclusive", "#SBATCH --signal=USR1@90",
+               "POINTS=('0 2' '4')", "cd /r || exit 1",
+               f'  py -m aqt_ext.sweep --config=/c.py --workdir={tmp_path} '
+               '--point_index="$i" || rc=$?'):
     assert line + "\n" in script
-  assert (workdir / "slurm").is_dir()
-  run_line = script.splitlines()[-1]
-  assert run_line.startswith(f"exec {sys.executable} -m aqt_ext.sweep "
-                             f"--config={config} --config.base.data_dir=")
-  assert run_line.endswith('--point_index="$SLURM_ARRAY_TASK_ID"')
-  (tmp_path / "sweep.sbatch").write_text(script)
+  # Task t of the array runs its points in turn (bash, as sbatch would).
+  out = subprocess.run(
+      ["bash", "-c", script.replace("py -m aqt_ext.sweep", "echo")
+       .replace("cd /r", f"cd {tmp_path}")],
+      env={**os.environ, "SLURM_ARRAY_TASK_ID": "0"}, capture_output=True,
+      text=True, check=True).stdout
+  assert out.splitlines() == [
+      f"--config=/c.py --workdir={tmp_path} --point_index={i}" for i in (0, 2)]
+  for bad, match in (
+      (dict(partiton="x"), r"config.slurm.partiton is not a SLURM option; "
+       r"allowed: partition, time"),
+      (dict(time="4 hours"), r"config.slurm.time='4 hours' is not allowed; "
+       r"allowed: a time limit"),
+      (dict(cpus_per_task=0), r"cpus_per_task=0 is not allowed"),
+      (dict(extra=("--array=0-3",)), r"sets --array, which the driver sets"),
+      (dict(extra="--exclusive"), r"config.slurm.extra='--exclusive' is not "
+       r"allowed; allowed: a list")):
+    with pytest.raises(ValueError, match=match):
+      slurm.check_options(bad)
 
-  def task(i):
-    return subprocess.run(["bash", str(tmp_path / "sweep.sbatch")],
-                          env={**worker_env, "SLURM_ARRAY_TASK_ID": str(i)},
-                          cwd=tmp_path, capture_output=True, text=True,
-                          timeout=HANG_GUARD_S)
 
-  done = task(1)  # finished: exits at once
-  assert done.returncode == 0 and "point 1: skipped" in done.stdout
-  retried = task(3)  # failed: retried, fails again, exit status 3
-  assert retried.returncode == sweep.EXIT_POINT_FAILED, retried.stderr[-2000:]
+def _wait_for(what, condition, proc=None):
+  """Polls `condition` (a hang guard, not a speed limit)."""
+  deadline = time.time() + HANG_GUARD_S
+  while not (value := condition()):
+    assert proc is None or proc.poll() is None, f"{what}: the driver ended"
+    assert time.time() < deadline, f"timed out waiting for {what}"
+    time.sleep(0.1)
+  return value
+
+
+@contextlib.contextmanager
+def held_point_lock(workdir, point):
+  """Holds `point`'s lock: its worker starts (RUNNING) and then waits."""
+  lock_dir = workdir / "points" / point.id
+  lock_dir.mkdir(parents=True, exist_ok=True)
+  with open(lock_dir / "lock", "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    yield
+
+
+def test_slurm_executor_through_requeue_cancel_and_a_killed_driver(
+    failed_sweep, slurm_cluster, fashion_mnist_dir, worker_env, tmp_path):
+  """The 4 points of `failed_sweep` (2 fail by design) on a real SLURM
+  cluster: the float point resumes from a checkpoint, is requeued while it
+  runs, and the driver is SIGKILLed; the rerun driver follows the arrays
+  instead of submitting again; one running task is cancelled; a third run
+  retries what failed. Each point has exactly one ok line, with the
+  accuracy of the local run."""
+  local_dir, _, _, points = failed_sweep
+  good_float, good_rtn, bad_float, bad_rtn = points
+  config = write_sweep_config(
+      tmp_path / "sweep_cfg.py", [GOOD, TOO_NARROW], [0],
+      quants=("float", "w4a4"), methods=("rtn",),
+      slurm=dict(time="00:30:00", cpus_per_task=1, poll_s=0.2))
+  workdir = tmp_path / "sweep"
+  # The float point starts from a copy of the local run's checkpoint of
+  # step 28 of 32 (its final one deleted), so it resumes there.
+  src = local_dir / "points" / good_float.id
+  dst = workdir / "points" / good_float.id
+  shutil.copytree(src, dst, ignore=shutil.ignore_patterns("lock"))
+  (dst / "result.json").unlink()
+  shutil.rmtree(dst / "checkpoints" / "32")
+  assert (dst / "checkpoints" / "28").is_dir()
+  env = {**worker_env, **slurm_cluster.env}
+  cmd = sweep_cmd(config, workdir, fashion_mnist_dir, "--executor=slurm")
+
+  def sub(n):
+    path = workdir / "slurm" / f"sub-{n}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+  def task_of(s, point):
+    index = points.index(point)
+    return f"{s['job_id']}_{[index in t for t in s['tasks']].index(True)}"
+
+  def state(task):
+    out = slurm_cluster.run("squeue", "-h", "-j", task, "-o", "%T")
+    return out.strip()
+
+  # Both tasks of the first array run, blocked on their points' locks, when
+  # the float one is requeued and the driver killed.
+  with held_point_lock(workdir, good_float), \
+      held_point_lock(workdir, bad_float):
+    driver = subprocess.Popen(cmd, env=env, cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    first = _wait_for("the first array", lambda: (s := sub(0)) and
+                      s["job_id"] and s, driver)
+    assert sorted(map(tuple, first["point_ids"])) == sorted(
+        [(good_float.id,), (bad_float.id,)])
+    second = _wait_for("the second array", lambda: (s := sub(1)) and
+                       s["job_id"] and s, driver)
+    assert second["depends_on"] == [first["job_id"]]
+    float_task = task_of(first, good_float)
+    for task in (float_task, task_of(first, bad_float)):
+      _wait_for(f"task {task} to run", lambda t=task: state(t) == "RUNNING",
+                driver)
+    float_log = workdir / "slurm" / f"{float_task}.out"
+    _wait_for("the float point's worker to wait for its lock", lambda:
+              float_log.exists() and "waiting for another process running"
+              in float_log.read_text(), driver)
+    slurm_cluster.run("scontrol", "requeue", float_task)
+    _wait_for("the requeue", lambda: state(float_task) == "PENDING", driver)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.communicate()
+  # The locks are free: the requeued task runs the float point.
+
+  with held_point_lock(workdir, good_rtn):
+    rerun = subprocess.Popen(cmd, env=env, cwd=ROOT, text=True,
+                             stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT)
+    rtn_task = task_of(second, good_rtn)
+    _wait_for("the rtn task to run", lambda: state(rtn_task) == "RUNNING",
+              rerun)
+    slurm_cluster.run("scancel", rtn_task)
+    out, _ = rerun.communicate(timeout=HANG_GUARD_S)
+  assert rerun.returncode == 1, out[-3000:]
+  assert f"following the SLURM array(s) {first['job_id']}, " \
+         f"{second['job_id']}" in out
+  assert "submitted SLURM array" not in out and sub(2) is None
+  line = sweep.latest_records(lines_of(workdir))
+  assert line[good_float.id]["status"] == "ok"
+  assert line[good_float.id]["resumed_from_step"] == 28
+  assert line[good_rtn.id]["status"] == "failed"
+  assert f"SLURM task {rtn_task} ended (CANCELLED" in \
+      line[good_rtn.id]["error"]
+  assert "width=0.04" in line[bad_float.id]["error"]
+  # Both runs of the requeued task are in its log (appended, not replaced).
+  log = float_log.read_text()
+  assert log.count(f"point 0: {good_float.id}") == 2
+  assert "DUE TO JOB REQUEUE" in log and log.count("point 0: ok") == 1
+
+  # The third run retries the cancelled and the failed points.
+  third = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=HANG_GUARD_S)
+  assert third.returncode == 1, third.stdout[-3000:] + third.stderr[-3000:]
+  assert "4 points, 1 finished, 3 in SLURM" in third.stdout
   records = lines_of(workdir)
-  assert statuses(records, good.id) == ["ok"]
-  assert statuses(records, bad.id) == ["failed", "failed"]
+  local = sweep.latest_records(lines_of(local_dir))
+  for p in (good_float, good_rtn):
+    assert statuses(records, p.id).count("ok") == 1
+    mine = sweep.latest_records(records)[p.id]
+    assert mine["eval_accuracy"] == local[p.id]["eval_accuracy"]
+    assert mine["eval_loss"] == local[p.id]["eval_loss"]
+  for p in (bad_float, bad_rtn):
+    assert "ok" not in statuses(records, p.id)
+  summary = (workdir / "summary.md").read_text()
+  assert "| cifar_resnet8 | 0.25 | w4a4 | rtn (PTQ) | 1 |" in summary
 
 
 def test_sigkill_and_rerun_loses_and_duplicates_no_point(
