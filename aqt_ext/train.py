@@ -787,12 +787,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
 
   state, schedule = create_state(config, model, stream.batch(0)["image"],
                                  steps_per_epoch, float_vars)
+  # Replicated over the mesh first, so that a checkpoint restores onto it
+  # (with several processes, each holds its local replicas; restoring onto
+  # one local device first would need a cross-process transfer).
+  data_sharding, repl = _sharding()
+  state = jax.device_put(state, repl)
   mgr = _checkpoint_manager(workdir, config)
   state = restore_checkpoint(mgr, state)
   start_step = int(state.step)
-
-  data_sharding, repl = _sharding()
-  state = jax.device_put(state, repl)
   shard = _make_sharder(data_sharding)
   p_train = jax.jit(functools.partial(
       train_step, num_classes=info.num_classes,
