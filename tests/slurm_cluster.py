@@ -11,6 +11,7 @@ apt), or None.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pathlib
 import shutil
@@ -39,15 +40,21 @@ def unavailable() -> str | None:
 
 
 def install() -> None:
-  """Installs the Debian packages (about 20 s) unless they are there."""
-  if _have_binaries():
-    return
-  env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-  subprocess.run(["apt-get", "update", "-qq"], check=True, env=env,
-                 capture_output=True)
-  subprocess.run(["apt-get", "install", "-y", "-qq",
-                  "--no-install-recommends", *PACKAGES], check=True, env=env,
-                 capture_output=True)
+  """Installs the Debian packages (about 20 s) unless they are there; one
+  process at a time (test workers start their clusters together)."""
+  with open("/tmp/aqt_ext_slurm_install.lock", "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if _have_binaries():
+      return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for argv in (["apt-get", "update", "-qq"],
+                 ["apt-get", "install", "-y", "-qq",
+                  "--no-install-recommends", *PACKAGES]):
+      out = subprocess.run(argv, env=env, capture_output=True, text=True)
+      if out.returncode:
+        raise RuntimeError(f"{' '.join(argv)} exited with {out.returncode} "
+                           f"(installing the test SLURM cluster): "
+                           f"{out.stderr.strip()[-2000:]}")
 
 
 def _free_port() -> int:
@@ -84,6 +91,7 @@ class LocalSlurm:
 
   def _write_config(self) -> None:
     r = self.root
+    r.mkdir(parents=True, exist_ok=True)
     r.chmod(0o755)  # munged runs as the munge user (mkdtemp makes 0700)
     for d in ("munge", "state", "spool", "log"):
       (r / d).mkdir(parents=True, exist_ok=True)
