@@ -27,10 +27,13 @@ import dataclasses
 import fcntl
 import functools
 import gzip
+import io
 import json
+import logging
 import os
 import pathlib
 import queue
+import re
 import tempfile
 import threading
 import zlib
@@ -38,6 +41,8 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
+
+from aqt_ext import fileio
 
 Batch = dict[str, np.ndarray]
 
@@ -132,15 +137,24 @@ def _resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> str:
   return os.path.expanduser(os.fspath(chosen))
 
 
+def _prepared_version_dir(name: str, data_dir: str) -> pathlib.Path | None:
+  """The newest version folder TFDS finished preparing (its
+  dataset_info.json is written last; unfinished builds are named
+  ``incomplete.*``), or None."""
+  info_files = sorted(
+      pathlib.Path(data_dir, name).glob("[0-9]*.[0-9]*.[0-9]*/"
+                                        "dataset_info.json"),
+      key=lambda p: tuple(int(part) for part in p.parent.name.split(".")))
+  return info_files[-1].parent if info_files else None
+
+
 def _prepared_split_sizes(name: str, data_dir: str) -> dict[str, int]:
   """Split sizes recorded by TFDS for the newest prepared version, or {}."""
-  version_dirs = "[0-9]*.[0-9]*.[0-9]*"
-  info_files = sorted(
-      pathlib.Path(data_dir, name).glob(f"{version_dirs}/dataset_info.json"),
-      key=lambda p: tuple(int(part) for part in p.parent.name.split(".")))
-  if not info_files:
+  version_dir = _prepared_version_dir(name, data_dir)
+  if version_dir is None:
     return {}
-  splits = json.loads(info_files[-1].read_text())["splits"]
+  splits = json.loads((version_dir / "dataset_info.json").read_text())[
+      "splits"]
   return {s["name"]: sum(int(n) for n in s["shardLengths"]) for s in splits}
 
 
@@ -265,7 +279,9 @@ def ensure_prepared(name: str, data_dir: str | os.PathLike[str] | None = None
   """
   _spec(name)
   resolved = _resolve_data_dir(data_dir)
-  if _tfds().builder(name, data_dir=resolved).is_prepared():
+  # Without importing TensorFlow where a finished build is on disk.
+  if (_prepared_version_dir(name, resolved) is not None
+      or _tfds().builder(name, data_dir=resolved).is_prepared()):
     return
   if not (name == "fashion_mnist" and LOCAL_FASHION_MNIST_DIR.is_dir()):
     raise DataNotFoundError(_missing_data_message(name, resolved))
@@ -359,14 +375,62 @@ def _random_crop_flip(images: np.ndarray, padding: int, flip: bool,
 # --------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=4)
-def _load_arrays(name: str, split: str, data_dir: str
-                 ) -> tuple[np.ndarray, np.ndarray]:
-  """Decodes a whole split into read-only uint8 images and int32 labels."""
+ARRAY_CACHE_DIR = "aqt_ext_arrays"  # in a prepared TFDS version folder
+_SLICE_RE = re.compile(r"^(?P<split>[a-z]+)(?:\[(?P<start>\d*):(?P<stop>\d*)\])?$")
+
+
+def _decode(name: str, split: str, data_dir: str
+            ) -> tuple[np.ndarray, np.ndarray]:
+  """Decodes a TFDS split (string) into uint8 images and int32 labels."""
   ds = _prepared_builder(name, data_dir).as_dataset(split=split)
   chunks = list(_tfds().as_numpy(ds.batch(_LOAD_CHUNK)))
   images = np.concatenate([chunk["image"] for chunk in chunks])
   labels = np.concatenate([chunk["label"] for chunk in chunks]).astype(np.int32)
+  return images, labels
+
+
+@functools.lru_cache(maxsize=4)
+def _whole_split(name: str, split: str, data_dir: str
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """A whole split's arrays, decoded once and then kept as ``.npy`` files
+  in the prepared version folder (``aqt_ext_arrays/``, written atomically),
+  which later processes read without importing TensorFlow (the decode and
+  that import cost 5-10 s per process; a read, a fraction of a second)."""
+  version_dir = _prepared_version_dir(name, data_dir)
+  cache = version_dir / ARRAY_CACHE_DIR
+  paths = [cache / f"{split}-{part}.npy" for part in ("images", "labels")]
+  if all(p.exists() for p in paths):
+    return np.load(paths[0]), np.load(paths[1])
+  images, labels = _decode(name, split, data_dir)
+  try:
+    cache.mkdir(exist_ok=True)
+    for path, array in zip(paths, (images, labels)):
+      buffer = io.BytesIO()
+      np.save(buffer, array)
+      fileio.write_bytes_atomic(str(path), buffer.getvalue())
+  except OSError as e:  # a read-only data dir: decode in every process
+    logging.warning("cannot keep the decoded %s %s split in %s (%s); it "
+                    "will be decoded again by the next process", name, split,
+                    cache, e)
+  return images, labels
+
+
+@functools.lru_cache(maxsize=4)
+def _load_arrays(name: str, split: str, data_dir: str
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """Read-only uint8 images and int32 labels of a TFDS split string. The
+  forms the loaders use (``train``, ``train[:N]``, ``train[A:B]``) are
+  slices of the whole split's cached arrays (`_whole_split`): TFDS reads an
+  unshuffled split in one fixed order, and its slices index that order;
+  other forms are decoded by TFDS."""
+  m = _SLICE_RE.match(split)
+  if m is None or _prepared_version_dir(name, data_dir) is None:
+    images, labels = _decode(name, split, data_dir)
+  else:
+    images, labels = _whole_split(name, m.group("split"), data_dir)
+    start, stop = (int(v) if v else None for v in m.group("start", "stop"))
+    images, labels = images[start:stop], labels[start:stop]
+  images, labels = images.view(), labels.view()
   images.flags.writeable = False
   labels.flags.writeable = False
   return images, labels

@@ -43,7 +43,7 @@ from flax import struct
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from aqt_ext import fileio
+from aqt_ext import fileio, metric_writer
 from aqt_ext import cost as cost_lib
 from aqt_ext import data as data_lib
 from aqt_ext import models
@@ -765,7 +765,6 @@ def model_cost(model, image_shape) -> dict:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                        ) -> dict:
   """Trains, evaluates, checkpoints; returns (and writes) the result."""
-  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
   validate_config(config)
   check_resume(config, workdir)
   t_start = time.time()
@@ -803,18 +802,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   p_eval = jax.jit(functools.partial(eval_step,
                                      num_classes=info.num_classes))
 
-  writer = metric_writers.create_default_writer(
+  writer = metric_writer.MetricWriter(
       workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
     writer.write_hparams({k: v for k, v in config.to_dict().items()
                           if isinstance(v, (int, float, str, bool))})
-  report = periodic_actions.ReportProgress(num_train_steps=total_steps,
-                                           writer=writer)
   logging.info("training %s %s (%s) on %s: steps %d..%d, %d steps/epoch",
                config.framework, config.model, config.quant, config.dataset,
                start_step, total_steps, steps_per_epoch)
-  t_loop = time.time()
+  t_loop = t_window = time.time()
   train_metrics, pending = [], None  # the log window's steps
+  window_start = start_step
   step = start_step
   batches = stream.iterate(start_step)
   try:
@@ -826,15 +824,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         _check_finite(*pending)
         train_metrics.append(pending[1])
       pending = (step, metrics)
-      report(step)
       if step % config.log_every_steps == 0 or step == total_steps:
         _check_finite(*pending)
         train_metrics.append(pending[1])
         pending = None
         summary = window_metrics(train_metrics).compute()
-        writer.write_scalars(step, {f"train_{k}": float(v)
-                                    for k, v in summary.items()})
-        train_metrics = []
+        now = time.time()  # after the host transfer: the window's steps ran
+        writer.write_scalars(step, {
+            **{f"train_{k}": float(v) for k, v in summary.items()},
+            "steps_per_sec": (step - window_start) / max(now - t_window,
+                                                         1e-9)})
+        train_metrics, window_start, t_window = [], step, now
       if config.eval_every_steps and step % config.eval_every_steps == 0 \
           and step != total_steps:
         writer.write_scalars(step, _num(evaluate(state, p_eval, config,
@@ -850,7 +850,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   train_time = time.time() - t_loop
   result = evaluate(state, p_eval, config, shard)
   writer.write_scalars(total_steps, _num(result))
-  writer.flush()
+  writer.close()
   result.update(
       steps=total_steps, resumed_from_step=start_step,
       train_time_s=round(train_time, 2),

@@ -326,3 +326,29 @@ def test_validation_split_is_held_out_from_training(fashion_mnist_dir):
     data.train_split(name, d, 56000, 5000)
   with pytest.raises(ValueError, match=r"split='val': allowed values"):
     next(data.eval_batches(name, 8, d, split="val"))
+
+
+def test_cached_arrays_equal_what_tfds_decodes(fashion_mnist_dir):
+  """The loaders' splits are slices of the whole split's arrays, decoded
+  once and kept as .npy files (read without TensorFlow by later
+  processes); they equal TFDS's own decode of each split string."""
+  name, d = "fashion_mnist", str(fashion_mnist_dir)
+  data._load_arrays(name, "train[:10]", d)  # the whole split is cached
+  version = data._prepared_version_dir(name, d)
+  cache = sorted(p.name for p in (version / data.ARRAY_CACHE_DIR).iterdir())
+  assert {"train-images.npy", "train-labels.npy"} <= set(cache)
+  for split in ("train[:512]", "train[55000:60000]", "train[100:]",
+                "test[:500]", "test"):
+    images, labels = data._load_arrays(name, split, d)
+    want_images, want_labels = data._decode(name, split, d)
+    assert images.dtype == np.uint8 and labels.dtype == np.int32
+    assert not images.flags.writeable
+    np.testing.assert_array_equal(images, want_images)
+    np.testing.assert_array_equal(labels, want_labels)
+  # A new process reads them without importing TensorFlow.
+  code = ("import sys; from aqt_ext import data; "
+          f"x, y = data._load_arrays({name!r}, 'train[:512]', {d!r}); "
+          "print(x.shape, 'tensorflow' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], check=True, text=True,
+                       capture_output=True).stdout
+  assert out.split("\n")[0] == "(512, 28, 28, 1) False"

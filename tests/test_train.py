@@ -386,6 +386,24 @@ def float_run(fashion_mnist_dir, tmp_path_factory):
   return workdir
 
 
+def test_training_writes_tensorboard_scalars(float_run):
+  """The loop's TensorFlow-free writer (`aqt_ext.metric_writer`) writes an
+  event file TensorBoard's own reader reads: the train scalars at each log
+  step and the final eval, equal to result.json's."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  events = event_accumulator.EventAccumulator(str(float_run))
+  events.Reload()
+  tags = set(events.Tags()["scalars"])
+  assert {"train_loss", "train_accuracy", "train_learning_rate",
+          "steps_per_sec", "eval_accuracy", "eval_loss"} <= tags
+  assert [e.step for e in events.Scalars("train_loss")] == [8]
+  result = json.loads((float_run / "result.json").read_text())
+  (final,) = events.Scalars("eval_accuracy")
+  assert final.step == result["steps"] == 8
+  assert final.value == pytest.approx(result["eval_accuracy"], rel=1e-6)
+  assert events.Scalars("steps_per_sec")[0].value > 0
+
+
 def test_data_parallel_over_two_devices_equals_one_device(
     fashion_mnist_dir, float_run, tmp_path):
   """The batch is sharded over a 2-device mesh (forced host devices), and
