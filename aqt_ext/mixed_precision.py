@@ -9,8 +9,9 @@
    spec such as ``w4a4_fl8``) is checked against the smallest and largest
    achievable cost before anything runs.
 2. Sensitivities (`aqt_ext.search.sensitivity`, ``--method``) of each layer
-   at each candidate (weight bits, input bits) in ``--bits`` x ``--bits``,
-   on ``--num_batches`` unaugmented *training* batches of the checkpoint's
+   at each candidate (weight bits, input bits) in ``--bits`` x ``--bits``
+   (with ``--budget_from``, its widths are added to ``--bits``: the uniform
+   allocation is always a candidate), on ``--num_batches`` unaugmented *training* batches of the checkpoint's
    model (the held-out validation split and the test set are not read).
    ``--fixed_first_last=B`` keeps the first and last layer at B/B bits (as
    the ``_flB`` uniform baselines do; 0: allocate them too).
@@ -67,6 +68,20 @@ def rules_of(allocation: al.Allocation, signed: Sequence[bool]
       for l, c, s in zip(allocation.layers, allocation.choice, signed)))
 
 
+def candidate_bits(bits: Sequence[int], budget_from: str | None
+                   ) -> list[int]:
+  """`bits` (checked) plus the widths of the uniform spec `budget_from`:
+  the allocation the budget comes from is always a candidate, so the
+  allocator never does worse than it on its own objective."""
+  candidates_of(bits)
+  out = set(bits)
+  if budget_from is not None:
+    default = qconfig.parse_spec(budget_from).default
+    out |= {t.bits for t in (default.weight, default.input)
+            if t is not None and t.bits is not None}
+  return sorted(out)
+
+
 def budget_of(config: ml_collections.ConfigDict, num_classes: int,
               image_shape: Sequence[int], spec: str) -> float:
   """The BOPs of the config's model quantized by a uniform `spec`."""
@@ -113,7 +128,7 @@ def run(config: ml_collections.ConfigDict, checkpoint: str, out: str, *,
   if fixed_first_last not in (0, *range(2, 9)):
     raise ValueError(f"fixed_first_last={fixed_first_last!r} is not allowed; "
                      "allowed: 0 (allocate them) or bits in 2..8")
-  cands = candidates_of(bits)
+  cands = candidates_of(candidate_bits(bits, budget_from))
   if budget_from is not None and budget_bops is not None:
     raise ValueError("give budget_bops or budget_from, not both")
   info = data_lib.get_info(config.dataset, config.data_dir)

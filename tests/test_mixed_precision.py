@@ -187,3 +187,15 @@ def test_structured_rules_round_trip_and_errors(tmp_path):
   (tmp_path / "bad.json").write_text("{")
   with pytest.raises(ValueError, match="is not valid JSON"):
     qconfig.parse_spec(str(tmp_path / "bad.json"))
+
+
+
+def test_budget_from_widths_are_always_candidates():
+  """The uniform choice a budget comes from is always feasible: its widths
+  join the candidate bits."""
+  from aqt_ext import mixed_precision  # pylint: disable=g-import-not-at-top
+  assert mixed_precision.candidate_bits((2, 4, 8), "w6a6_fl8") == [2, 4, 6, 8]
+  assert mixed_precision.candidate_bits((2, 4, 8), "w3a8") == [2, 3, 4, 8]
+  assert mixed_precision.candidate_bits((2, 3), None) == [2, 3]
+  with pytest.raises(ValueError, match=r"bits=\[1, 4\] is not allowed"):
+    mixed_precision.candidate_bits((1, 4), "w4a4")
