@@ -885,10 +885,12 @@ def _follow_slurm(points: Sequence[Point], sweep_dir: str,
     states = [queue[k][0] for k in remaining if k in queue]
     view = (states.count("PENDING"), states.count("RUNNING"),
             len(states) - states.count("PENDING") - states.count("RUNNING"))
+    view += (progress.done, failures)
     if view != last_view:
       print(f"slurm: {view[0]} task(s) queued, {view[1]} running"
             + (f", {view[2]} in another state" if view[2] else "")
-            + f" | {progress.done}/{progress.total} points done", flush=True)
+            + f" | {progress.done}/{progress.total} points done, "
+            f"{failures} failed", flush=True)
       last_view = view
     for job, task in sorted(k for k in remaining if k not in queue):
       remaining.discard((job, task))

@@ -10,7 +10,6 @@ the sweeps have as few points as what they test needs. Subprocess timeouts
 and waits are hang guards (`HANG_GUARD_S`), not speed limits.
 """
 
-import contextlib
 import fcntl
 import importlib.util
 import json
@@ -485,14 +484,18 @@ def _wait_for(what, condition, proc=None):
   return value
 
 
-@contextlib.contextmanager
-def held_point_lock(workdir, point):
-  """Holds `point`'s lock: its worker starts (RUNNING) and then waits."""
-  lock_dir = workdir / "points" / point.id
-  lock_dir.mkdir(parents=True, exist_ok=True)
-  with open(lock_dir / "lock", "a") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    yield
+class HeldPointLock:
+  """Holds a point's lock: its worker starts (its task RUNNING), then waits
+  until `release`."""
+
+  def __init__(self, workdir, point):
+    lock_dir = workdir / "points" / point.id
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    self.file = open(lock_dir / "lock", "a")  # pylint: disable=consider-using-with
+    fcntl.flock(self.file, fcntl.LOCK_EX)
+
+  def release(self):
+    self.file.close()
 
 
 def test_slurm_executor_through_requeue_cancel_and_a_killed_driver(
@@ -534,43 +537,49 @@ def test_slurm_executor_through_requeue_cancel_and_a_killed_driver(
     return out.strip()
 
   # Both tasks of the first array run, blocked on their points' locks, when
-  # the float one is requeued and the driver killed.
-  with held_point_lock(workdir, good_float), \
-      held_point_lock(workdir, bad_float):
-    driver = subprocess.Popen(cmd, env=env, cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    first = _wait_for("the first array", lambda: (s := sub(0)) and
-                      s["job_id"] and s, driver)
-    assert sorted(map(tuple, first["point_ids"])) == sorted(
-        [(good_float.id,), (bad_float.id,)])
-    second = _wait_for("the second array", lambda: (s := sub(1)) and
-                       s["job_id"] and s, driver)
-    assert second["depends_on"] == [first["job_id"]]
-    float_task = task_of(first, good_float)
-    for task in (float_task, task_of(first, bad_float)):
-      _wait_for(f"task {task} to run", lambda t=task: state(t) == "RUNNING",
-                driver)
-    float_log = workdir / "slurm" / f"{float_task}.out"
-    _wait_for("the float point's worker to wait for its lock", lambda:
-              float_log.exists() and "waiting for another process running"
-              in float_log.read_text(), driver)
-    slurm_cluster.run("scontrol", "requeue", float_task)
-    _wait_for("the requeue", lambda: state(float_task) == "PENDING", driver)
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.communicate()
-  # The locks are free: the requeued task runs the float point.
+  # the float one is requeued and the driver killed; they stay blocked until
+  # the second driver has looked at the queue, so it finds all 4 points
+  # there.
+  locks = [HeldPointLock(workdir, p) for p in (good_float, bad_float)]
+  driver = subprocess.Popen(cmd, env=env, cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+  first = _wait_for("the first array", lambda: (s := sub(0)) and
+                    s["job_id"] and s, driver)
+  assert sorted(map(tuple, first["point_ids"])) == sorted(
+      [(good_float.id,), (bad_float.id,)])
+  second = _wait_for("the second array", lambda: (s := sub(1)) and
+                     s["job_id"] and s, driver)
+  assert second["depends_on"] == [first["job_id"]]
+  float_task = task_of(first, good_float)
+  for task in (float_task, task_of(first, bad_float)):
+    _wait_for(f"task {task} to run", lambda t=task: state(t) == "RUNNING",
+              driver)
+  float_log = workdir / "slurm" / f"{float_task}.out"
+  _wait_for("the float point's worker to wait for its lock", lambda:
+            float_log.exists() and "waiting for another process running"
+            in float_log.read_text(), driver)
+  slurm_cluster.run("scontrol", "requeue", float_task)
+  _wait_for("the requeue", lambda: state(float_task) == "PENDING", driver)
+  os.killpg(driver.pid, signal.SIGKILL)
+  driver.communicate()
 
-  with held_point_lock(workdir, good_rtn):
-    rerun = subprocess.Popen(cmd, env=env, cwd=ROOT, text=True,
-                             stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT)
-    rtn_task = task_of(second, good_rtn)
-    _wait_for("the rtn task to run", lambda: state(rtn_task) == "RUNNING",
-              rerun)
-    slurm_cluster.run("scancel", rtn_task)
-    out, _ = rerun.communicate(timeout=HANG_GUARD_S)
+  rtn_lock = HeldPointLock(workdir, good_rtn)
+  rerun = subprocess.Popen(cmd, env=env, cwd=ROOT, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  seen = []
+  while not (seen and " in SLURM" in seen[-1]):  # its view of the queue
+    seen.append(rerun.stdout.readline())
+    assert seen[-1], "".join(seen)
+  for lock in locks:  # the requeued task runs the float point now
+    lock.release()
+  rtn_task = task_of(second, good_rtn)
+  _wait_for("the rtn task to run", lambda: state(rtn_task) == "RUNNING",
+            rerun)
+  slurm_cluster.run("scancel", rtn_task)
+  rtn_lock.release()
+  out, _ = rerun.communicate(timeout=HANG_GUARD_S)
+  out = "".join(seen) + out
   assert rerun.returncode == 1, out[-3000:]
   assert f"following the SLURM array(s) {first['job_id']}, " \
          f"{second['job_id']}" in out
