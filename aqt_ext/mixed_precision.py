@@ -12,7 +12,9 @@
    at each candidate (weight bits, input bits) in ``--bits`` x ``--bits``
    (with ``--budget_from``, its widths are added to ``--bits``: the uniform
    allocation is always a candidate), on ``--num_batches`` unaugmented *training* batches of the checkpoint's
-   model (the held-out validation split and the test set are not read).
+   model (the held-out validation split and the test set are not read),
+   made consistent (`sensitivity.monotone`: clipped at 0, never larger at
+   more bits; the raw estimates are kept in allocation.json).
    ``--fixed_first_last=B`` keeps the first and last layer at B/B bits (as
    the ``_flB`` uniform baselines do; 0: allocate them too).
 3. The exact allocation (`aqt_ext.search.allocate`) and its outputs in
@@ -166,7 +168,8 @@ def run(config: ml_collections.ConfigDict, checkpoint: str, out: str, *,
   batches = [stream.batch(i) for i in range(num_batches)]
   kw = dict(num_samples=hutchinson_samples) if method == "hessian" else {}
   t1 = time.time()
-  s = sens.estimate(method, probe, batches, cands, **kw)
+  raw = sens.estimate(method, probe, batches, cands, **kw)
+  s = sens.monotone(raw, cands)
   sens_time = time.time() - t1
   allocation = al.allocate(alloc_layers(s), budget_bops=budget_bops,
                            budget_weight_bits=budget_weight_bits)
@@ -182,6 +185,8 @@ def run(config: ml_collections.ConfigDict, checkpoint: str, out: str, *,
       layers=allocation.table(),
       sensitivity={p: dict(zip(map(str, cands), map(float, row)))
                    for p, row in zip(layers, s)},
+      sensitivity_raw={p: dict(zip(map(str, cands), map(float, row)))
+                       for p, row in zip(layers, raw)},
       sensitivity_time_s=round(sens_time, 2),
       wall_time_s=round(time.time() - t0, 2))
   qconfig.save_rules(rules, os.path.join(out, RULES_FILE))

@@ -72,3 +72,35 @@ def test_infeasible_and_bad_input_are_clear_errors():
   table = al.allocate(layers, budget_bops=hi).table()
   assert [r["layer"] for r in table] == ["l0", "l1", "l2"]
   assert abs(sum(r["bops_share"] for r in table) - 1.0) < 1e-12
+
+
+def test_ties_spend_the_budget():
+  """Two layers whose estimates are 0 at 4 and 8 bits (noise floor): every
+  choice of minimal objective ties, and the one that spends the most BOPs
+  is taken."""
+  cands = ((4, 4), (8, 8))
+  layers = [al.Layer("a", 10, 5, cands, (0.0, 0.0)),
+            al.Layer("b", 30, 5, cands, (0.0, 0.0))]
+  got = al.allocate(layers, budget_bops=10 * 64 + 30 * 16)
+  assert got.choice == ((8, 8), (4, 4)) and got.objective == 0.0
+  got = al.allocate(layers, budget_bops=30 * 64 + 10 * 16)
+  assert got.choice == ((4, 4), (8, 8))
+  # The primary objective still decides: a lower estimate at lower cost wins.
+  layers[0] = al.Layer("a", 10, 5, cands, (0.0, 0.5))
+  got = al.allocate(layers, budget_bops=40 * 64)
+  assert got.choice == ((4, 4), (8, 8))
+
+
+def test_monotone_estimates():
+  from aqt_ext.search import sensitivity  # pylint: disable=g-import-not-at-top
+  cands = ((2, 2), (2, 8), (8, 2), (8, 8))
+  raw = np.array([[3.0, -0.1, 0.5, 0.2],
+                  [1.0, 2.0, -1.0, -0.5]])
+  got = sensitivity.monotone(raw, cands)
+  np.testing.assert_array_equal(got, [[3.0, 0.2, 0.5, 0.2],
+                                      [2.0, 2.0, 0.0, 0.0]])
+  assert (got >= 0).all()
+  for j, (w, a) in enumerate(cands):
+    for k, (w2, a2) in enumerate(cands):
+      if w2 >= w and a2 >= a:
+        assert (got[:, k] <= got[:, j]).all()

@@ -8,7 +8,8 @@ w_c``), `allocate` picks one candidate per layer minimising ``sum_l s[l,
 c_l]`` subject to the budgets: an integer program (binary ``x[l, c]``, one
 per layer, linear budget rows) solved to optimality by HiGHS through
 ``scipy.optimize.milp``. The objective assumes the layers' losses add, as
-HAWQ-v2 and ModelOpt's auto_quantize do.
+HAWQ-v2 and ModelOpt's auto_quantize do. Among the choices of minimal
+objective, the one that spends the most budget is taken (a second program).
 """
 
 from __future__ import annotations
@@ -109,7 +110,6 @@ def allocate(layers: Sequence[Layer], *, budget_bops: float | None = None,
   """The exact minimum-sensitivity choice within the budget(s) (module
   docstring). An infeasible budget is a ValueError that says the smallest
   and largest achievable totals."""
-  from scipy import optimize  # pylint: disable=g-import-not-at-top
   layers = tuple(layers)
   check_budgets(layers, budget_bops, budget_weight_bits)
   index = [(i, j) for i, l in enumerate(layers)
@@ -126,36 +126,58 @@ def allocate(layers: Sequence[Layer], *, budget_bops: float | None = None,
     if budget is not None:
       rows.append((np.array([f(layers[i], layers[i].candidates[j])
                              for i, j in index]), float(budget)))
-  # HiGHS meets a row to a tolerance: a choice over a budget by less than
-  # that is cut off (a no-good cut: not all of its picks again) and the
-  # program solved again. Only infeasible choices are cut, so the optimum
-  # stays.
+  pick = _solve(obj, rows, one_each, index, len(layers))
+  # Among the choices of minimal objective, the one that spends the most of
+  # the (first) budget: estimates that tie (e.g. at noise level at high
+  # widths) should not leave bits unused.
+  best = float(obj[pick].sum())
+  spend = rows[0][0] / max(float(np.max(rows[0][0])), 1.0)
+  pick = _solve(-spend, rows, one_each, index, len(layers),
+                extra=(obj, best + 1e-9 * max(1.0, abs(best))),
+                fallback=pick)
+  choice = tuple(layers[i].candidates[j]
+                 for (i, j), p in zip(index, pick) if p)
+  return _result(layers, choice, budget_bops, budget_weight_bits)
+
+
+def _solve(c, rows, one_each, index, num_layers, extra=None, fallback=None):
+  """The 0/1 pick (one candidate per layer) minimising ``c @ x`` within the
+  budget rows (and ``extra = (row, bound)``). HiGHS meets a row to a
+  tolerance: a choice over a budget (or over `extra`) by less than that is
+  cut off (a no-good cut: not all of its picks again) and the program
+  solved again. Only infeasible choices are cut, so the optimum stays.
+  `fallback`: returned if the program with `extra` finds nothing."""
+  from scipy import optimize  # pylint: disable=g-import-not-at-top
+  n = len(index)
+  checks = list(rows) + ([extra] if extra is not None else [])
   cuts = []
   for _ in range(100):
     constraints = [optimize.LinearConstraint(one_each, 1.0, 1.0)]
-    for row, budget in rows:
-      scale = max(float(np.max(row)), 1.0)  # O(1) rows
+    for row, budget in checks:
+      scale = max(float(np.max(np.abs(row))), 1e-300)  # O(1) rows
       constraints.append(optimize.LinearConstraint(
           row[None] / scale, -np.inf, budget / scale))
     if cuts:
       constraints.append(optimize.LinearConstraint(
-          np.array(cuts, np.float64), -np.inf, len(layers) - 1.0))
-    res = optimize.milp(obj, constraints=constraints,
+          np.array(cuts, np.float64), -np.inf, num_layers - 1.0))
+    res = optimize.milp(c, constraints=constraints,
                         integrality=np.ones(n), bounds=optimize.Bounds(0, 1),
                         options=dict(mip_rel_gap=0.0))
     if res.status != 0 or res.x is None:
+      if fallback is not None:
+        return fallback
       raise ValueError(f"allocate: the integer program found no solution "
                        f"({res.message})")
     pick = np.zeros(n, bool)
-    for i in range(len(layers)):
+    for i in range(num_layers):
       ks = [k for k, (li, _) in enumerate(index) if li == i]
       pick[max(ks, key=lambda k: res.x[k])] = True
-    if all(float(row[pick].sum()) <= budget for row, budget in rows):
-      break
+    if all(float(row[pick].sum()) <= bound for row, bound in checks):
+      return pick
     cuts.append(pick.astype(np.float64))
-  choice = tuple(layers[i].candidates[j]
-                 for (i, j), p in zip(index, pick) if p)
-  return _result(layers, choice, budget_bops, budget_weight_bits)
+  if fallback is not None:
+    return fallback
+  raise ValueError("allocate: no choice within the budget after 100 cuts")
 
 
 def _result(layers, choice, budget_bops, budget_weight_bits) -> Allocation:
