@@ -210,6 +210,9 @@ METHODS: dict[str, Method] = {
     # fine-tuned (`run_mp`); the two sensitivity estimates.
     "mp": Method("mp", ptq=(("method", "loss_delta"),)),
     "mp_hessian": Method("mp", ptq=(("method", "hessian"),)),
+    # Without 2-bit candidates (QAT recovers 2-bit layers badly).
+    "mp_min3": Method("mp", ptq=(("method", "loss_delta"),
+                                 ("bits", (3, 4, 8)))),
 }
 _FROM_FLOAT = ("ptq", "mp")  # kinds that start from the sweep's float point
 
