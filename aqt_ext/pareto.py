@@ -242,7 +242,9 @@ _METHOD_STYLES = (  # (method prefix of the label, line style, marker)
     ("rtn", "--", "s"), ("pwlq", ":", "^"), ("rex", "-.", "D"),
     ("aquant", (0, (3, 1, 1, 1, 1, 1)), "v"))
 _QAT_STYLE = ("-", "o")
-_MP_STYLE = ((0, (5, 2)), "*")  # mixed precision
+_MP_STYLES = {  # mixed-precision methods: (line style, marker)
+    "mp": ((0, (5, 2)), "*"), "mp_hessian": (":", "P"),
+    "mp_min3": ((0, (1, 1)), "d")}
 BAND_POINTS = 12.0  # [design] the zoomed band spans >= this many points
 
 
@@ -265,7 +267,8 @@ def curve_style(row: Row) -> tuple[str, Any, str]:
         return colour, ls, marker
     return colour, "--", "X"
   if row.kind == "mp":
-    return colour, _MP_STYLE[0], _MP_STYLE[1]
+    return (colour,) + _MP_STYLES.get(row.method or "", ((0, (3, 1, 1, 1)),
+                                                         "h"))
   return (colour,) + _QAT_STYLE
 
 
