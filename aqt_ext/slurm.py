@@ -77,7 +77,7 @@ OPTIONS: dict[str, tuple[str | None, str]] = {
 }
 DEFAULTS = {"cpus_per_task": 1, "max_parallel": 0, "points_per_task": 1,
             "extra": (), "poll_s": 2.0}
-_TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^(\d+-)?\d+$")
+_TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # [D-]H[:M[:S]], M
 _DRIVER_OWNED = ("array", "job-name", "comment", "output", "error",
                  "open-mode", "dependency", "requeue", "parsable")
 
