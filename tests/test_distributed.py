@@ -38,11 +38,10 @@ def main_cmd(workdir, data_dir, *extra):
 
 
 def env_of(**extra):
-  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-         **extra}
-  env.pop("XLA_FLAGS", None)
-  env.update(extra)
-  return env
+  """The subprocess environment: CPU, this checkout, no inherited XLA_FLAGS
+  (the device count is the test's), plus `extra`."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return {**env, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **extra}
 
 
 def free_port():
