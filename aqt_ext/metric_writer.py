@@ -60,10 +60,6 @@ class MetricWriter:
     logging.info("[hparams] %s", ", ".join(
         f"{k}={v!r}" for k, v in sorted(hparams.items())))
 
-  def flush(self) -> None:
-    if self._file is not None:
-      self._file.flush()
-
   def close(self) -> None:
     if self._file is not None:
       self._file.close()
