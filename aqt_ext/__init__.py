@@ -18,7 +18,8 @@ from aqt_ext.config import (GradQuant, LayerQuant, ModelQuant, TensorQuant,
 SUBMODULES = ("config", "core", "cost", "data", "linen", "models", "nnx",
               "pareto", "ptq", "serve", "sweep", "train")
 # Names of the linen API, imported from aqt_ext.linen on first access.
-LINEN_NAMES = ("QuantConv", "QuantDense", "QuantEinsum", "quantize_model")
+LINEN_NAMES = ("QuantAct", "QuantConv", "QuantDense", "QuantEinsum",
+               "quantize_model")
 
 __all__ = ["GradQuant", "LayerQuant", "ModelQuant", "TensorQuant",
            "layer_preset",

@@ -430,8 +430,33 @@ class ModelQuant:
     """The LayerQuant of the layer at `path` (see `match`)."""
     return self.match(path)[1]
 
+  def for_activation(self, path: str | Iterable[str]) -> TensorQuant:
+    """The TensorQuant of the activation quantizer (``QuantAct``) at
+    `path`: the ``input`` of the first rule that matches it, float where no
+    rule does. `default` never applies: it describes layer inputs (a 4-bit
+    unsigned post-ReLU grid would be wrong for, say, a residual branch)."""
+    i, lq = self.match(path)
+    return FLOAT if i is None else lq.input
+
   def replace(self, **kw) -> "ModelQuant":
     return dataclasses.replace(self, **kw)
+
+
+def activation_quant(quant: Any, path: str, cls: str = "QuantAct"
+                     ) -> TensorQuant:
+  """The TensorQuant of an activation quantizer (``QuantAct``, linen or
+  NNX) at `path`: `quant` itself, or a ModelQuant resolved by
+  `ModelQuant.for_activation`; checked (one scale per tensor)."""
+  if isinstance(quant, ModelQuant):
+    quant = quant.for_activation(path)
+  if not isinstance(quant, TensorQuant):
+    raise TypeError(f"{cls}.quant must be a TensorQuant or ModelQuant, got "
+                    f"{type(quant).__name__}")
+  if quant.method != "float" and quant.granularity != "per_tensor":
+    raise ValueError(f"{cls} {path!r}: granularity={quant.granularity!r} is "
+                     "not allowed for an activation quantizer; allowed: "
+                     "'per_tensor'")
+  return quant
 
 
 # ---------------------------------------------------------------------------
@@ -603,20 +628,22 @@ def layer_preset(method: str, wbits: int | None, abits: int | None, *,
 _GRAD_SPEC = r"(?:_g(?P<g>\d+|e4m3|e5m2)(?P<sr>sr)?)?$"
 _SPEC_RE = re.compile(
     r"^(?:(?P<method>[a-z]+):)?w(?P<w>\d+|f)a(?P<a>\d+|f)"
-    r"(?:_fl(?P<fl>\d+|f))?(?P<static>_static)?" + _GRAD_SPEC)
+    r"(?:_fl(?P<fl>\d+|f))?(?P<static>_static)?(?:_r(?P<r>\d+))?"
+    + _GRAD_SPEC)
 _FP8_SPEC_RE = re.compile(
     r"^fp8(?:_(?P<fmt>e4m3|e5m2))?(?P<delayed>_delayed)?" + _GRAD_SPEC)
 
 
 def parse_spec(spec: str, *, first: str | None = None,
-               last: str | None = None) -> ModelQuant:
+               last: str | None = None,
+               residual: Mapping[str, str] | None = None) -> ModelQuant:
   """Builds a ModelQuant from a one-string spec.
 
   A path ending in ``.json`` is a structured rules file (`load_rules`),
   read as it is (`first` and `last` do not apply).
 
   Grammar: ``float`` | ``bf16`` | ``fp8[_FMT][_delayed][_gG[sr]]`` |
-  ``[METHOD:]wWaA[_flB][_static][_gG[sr]]`` where
+  ``[METHOD:]wWaA[_flB][_static][_rR][_gG[sr]]`` where
   W, A, B are bit widths or ``f`` (float), METHOD one of `QUANT_METHODS`
   (default ``uniform``), and ``_flB`` puts the first and last layer at B bits
   with uniform quantization (the paper's "first/last at 8 bits"). `first` and
@@ -625,6 +652,14 @@ def parse_spec(spec: str, *, first: str | None = None,
   batch ranges while training, frozen in eval: ``calibration='static'``)
   instead of the current batch's, as integer deployment needs (one stored
   input scale per layer, e.g. the ONNX export's fused kernels).
+  ``_rR``: the activations named by `residual` (regex -> grid; the zoo's
+  ResNets, `aqt_ext.models.RESIDUAL`: every residual branch's and
+  projection shortcut's output before the add on the signed ``full`` grid,
+  the stem's ReLU output on the ``unsigned`` one) are quantized by their
+  ``QuantAct`` to R bits with a static range, per tensor: what an integer
+  deployment rounds where a conv's output meets a residual add (ONNX
+  Runtime's fused integer conv writes a quantized output), so that QAT
+  eval computes it too.
   ``fp8``: every layer's kernel (per output channel) and input (per tensor)
   in float8 FMT, ``e4m3`` (default) or ``e5m2`` (`aqt_ext.core.fp8`);
   ``_delayed``: inputs scaled by their amax history (delayed scaling).
@@ -634,7 +669,7 @@ def parse_spec(spec: str, *, first: str | None = None,
   gradients meet the forward's quantized operand where it is on an integer
   grid (``use_fwd_quant``), fp8 gradients the operand's float value.
   Examples: ``w4a4``, ``lsq:w4a4_fl8``, ``aqt:w8a8``, ``wfa8``,
-  ``w4a4_fl8_static``, ``aqt:w8a8_g8`` (AQT's fully quantized training, with
+  ``w4a4_fl8_static``, ``w4a4_fl8_static_r8``, ``aqt:w8a8_g8`` (AQT's fully quantized training, with
   a fake-quant forward), ``w8a8_ge5m2sr``.
   """
   if spec.endswith(".json"):
@@ -657,10 +692,10 @@ def parse_spec(spec: str, *, first: str | None = None,
     raise ValueError(
         f"quant spec {spec!r} is not valid; allowed: 'float', 'bf16', "
         "'fp8[_e4m3|_e5m2][_delayed][_gG[sr]]' or "
-        "'[METHOD:]wWaA[_flB][_static][_gG[sr]]' with METHOD in "
-        f"{', '.join(QUANT_METHODS)} and W, A, B in 2..8 or 'f'")
+        "'[METHOD:]wWaA[_flB][_static][_rR][_gG[sr]]' with METHOD in "
+        f"{', '.join(QUANT_METHODS)}, W, A, B in 2..8 or 'f', R in 2..8")
   for group, what in (("w", "weight"), ("a", "input"),
-                      ("fl", "first/last-layer")):
+                      ("fl", "first/last-layer"), ("r", "residual")):
     b = m.group(group)
     if b not in (None, "f") and not MIN_BITS <= int(b) <= MAX_BITS:
       raise ValueError(
@@ -692,6 +727,10 @@ def parse_spec(spec: str, *, first: str | None = None,
           "an '_flB' part")
   default = _grad_spec(spec, m, default)
   rules = [(p, _grad_spec(spec, m, lq)) for p, lq in rules]
+  if m.group("r") is not None:
+    rules[:0] = [(p, LayerQuant(input=TensorQuant(
+        "uniform", int(m.group("r")), grid=grid, calibration="static")))
+                 for p, grid in (residual or {}).items()]
   return ModelQuant(default=default, rules=tuple(rules))
 
 

@@ -88,8 +88,7 @@ def budget_of(config: ml_collections.ConfigDict, num_classes: int,
               image_shape: Sequence[int], spec: str) -> float:
   """The BOPs of the config's model quantized by a uniform `spec`."""
   from aqt_ext import cost, models  # pylint: disable=g-import-not-at-top
-  mq = qconfig.parse_spec(spec, first=models.FIRST_LAYER,
-                          last=models.LAST_LAYER)
+  mq = models.quant_spec(spec)
   return cost.model_cost(_linen_model(config, num_classes, mq),
                          tuple(image_shape), train=False).bops
 

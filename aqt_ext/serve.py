@@ -45,7 +45,12 @@ has no lookup-table layers, version 2 no float layers). A directory holding
   ``bits``, ``storage_bits``, ``weight`` (``int``: integer kernel and scale;
   ``lut``: DQ levels, below), ``input`` (``dynamic``: range of each batch at
   run time; ``stored``: a trained scale) and ``quant`` (the LayerQuant's
-  fields). Per float layer (``float_layers``, modules owning params that are
+  fields). Per quantized activation (``activations``, a `QuantAct` whose
+  TensorQuant is not float): ``input`` (``stored`` / ``dynamic``, as a
+  layer's) and ``quant`` (the TensorQuant's fields); it runs as
+  ``dequantize(to_int(x))`` with the ``input_scale`` (and
+  ``input_zero_point``) stored under its path in ``serving``, or its own
+  code where the scale is dynamic. Per float layer (``float_layers``, modules owning params that are
   not integer layers, BatchNorm and LayerNorm included): ``module`` (its type
   name, null where unknown) and ``params`` (the names of its params, stored
   as trained). Written last: a directory without it is incomplete.
@@ -128,9 +133,10 @@ from aqt_ext.core import quantizers as qz
 from aqt_ext.core.context import STATS
 from aqt_ext.core.int_ops import Quantized
 from aqt_ext.core.methods import REGISTRY
-from aqt_ext.core.methods import quantize_operand
-from aqt_ext.linen.layers import (LinenContext, QuantConv, QuantDense,
-                                  QuantEinsum, conv_geometry, resolve_quant)
+from aqt_ext.core.methods import quantize_activation, quantize_operand
+from aqt_ext.linen.layers import (LinenContext, QuantAct, QuantConv,
+                                  QuantDense, QuantEinsum, conv_geometry,
+                                  resolve_quant)
 from aqt_ext.linen.rules import QuantDotGeneral, is_float
 from aqt_ext.train import silence_aborted_restore_echoes
 
@@ -280,6 +286,29 @@ def served_kind(mdl: nn.Module) -> str | None:
   if kind is None or is_float(_layer_quant(mdl, kind)):
     return None
   return kind
+
+
+def served_act(mdl: nn.Module) -> TensorQuant | None:
+  """The TensorQuant of a quantized activation (`QuantAct`), else None."""
+  if isinstance(mdl, QuantAct):
+    tq = mdl.act_quant()
+    return None if tq.method == "float" else tq
+  return None
+
+
+def act_qparams(mdl: nn.Module, tq: TensorQuant) -> qz.QParams | None:
+  """A served `QuantAct`'s stored scale (and zero point), None where its
+  scale is dynamic; refused where the checkpoint holds none."""
+  if not _stored_input(tq):
+    return None
+  if _get(mdl, "input_scale") is None:
+    raise ValueError(
+        f"activation {_path(mdl)!r} is quantized in the model but the "
+        "serving checkpoint holds no scale for it; load with the model and "
+        "rules that were exported")
+  qmin, qmax = qz.grid_range(tq.grid, tq.bits)
+  return qz.QParams(_get(mdl, "input_scale"), _get(mdl, "input_zero_point"),
+                    qmin, qmax)
 
 
 def _path(mdl: nn.Module) -> str:
@@ -439,15 +468,36 @@ class ExportRecorder:
 
   def __init__(self):
     self.layers: dict[str, dict] = {}  # path -> metadata
+    self.acts: dict[str, dict] = {}  # path -> metadata, QuantAct
     self.modules: dict[str, str] = {}  # path -> type name, every module
 
   def __call__(self, next_fun, args, kwargs, context):
     mdl = context.module
     self.modules.setdefault(_path(mdl), type(mdl).__name__)
-    kind = served_kind(mdl) if context.method_name == "__call__" else None
+    if context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    tq = served_act(mdl)
+    if tq is not None:
+      return self.record_act(mdl, tq, next_fun, *args, **kwargs)
+    kind = served_kind(mdl)
     if kind is None:
       return next_fun(*args, **kwargs)
     return self.record(mdl, kind, *args, **kwargs)
+
+  def record_act(self, mdl, tq: TensorQuant, next_fun, x: jax.Array
+                 ) -> jax.Array:
+    """Records a quantized activation: its trained scale, where stored."""
+    stored = _stored_input(tq)
+    self.acts[_path(mdl)] = {"input": "stored" if stored else "dynamic",
+                             "quant": dataclasses.asdict(tq)}
+    if not stored:
+      return next_fun(x)
+    x_q = quantize_activation(_context(mdl), x, tq, want_int=True)
+    _put(mdl, "input_scale", x_q.qp.scale)
+    if x_q.qp.zero_point is not None:
+      _put(mdl, "input_zero_point", x_q.qp.zero_point)
+    return qz.dequantize(x_q.ints.astype(x.dtype),
+                         dataclasses.replace(x_q.qp, zero_point=None))
 
   def record(self, mdl, kind: str, *args, **kwargs) -> jax.Array:
     """Records served layer `mdl` (a linen layer or a `ServingView`) and
@@ -552,10 +602,13 @@ def unflat_tree(flat: Mapping[str, Any]) -> dict:
       {tuple(k.split("/")): v for k, v in flat.items()})
 
 
-def _check_calibrated(layers: Mapping[str, dict], variables: Mapping) -> None:
+def _check_calibrated(layers: Mapping[str, dict], variables: Mapping,
+                      acts: Mapping[str, dict] | None = None) -> None:
   stats = flat_tree(variables.get(STATS, {}))
-  for path, meta in layers.items():
-    if meta["quant"]["input"]["calibration"] == "static" and not np.all(
+  inputs = {p: m["quant"]["input"] for p, m in layers.items()}
+  inputs.update({p: m["quant"] for p, m in (acts or {}).items()})
+  for path, tq in inputs.items():
+    if tq["calibration"] == "static" and not np.all(
         np.asarray(stats.get(join_path(path, "input_count"), 0)) > 0):
       raise ValueError(
           f"layer {path!r}: the static input range was never calibrated "
@@ -796,7 +849,7 @@ def write_export(directory: str, variables: Mapping, ints: Mapping,
   layers = recorder.layers
   if not layers:
     raise ValueError("export: the model has no quantized layer to serve")
-  _check_calibrated(layers, variables)
+  _check_calibrated(layers, variables, recorder.acts)
   tree = serving_tree(variables, ints, layers)
   float_layers = _float_layers(flat_tree(tree["params"]), layers,
                                recorder.modules)
@@ -818,7 +871,8 @@ def write_export(directory: str, variables: Mapping, ints: Mapping,
   ckptr.save(os.path.join(directory, ARRAYS_DIR), tree)
   ckptr.wait_until_finished()
   metadata = {"layout_version": LAYOUT_VERSION, "format": FORMAT,
-              "layers": layers, "float_layers": float_layers,
+              "layers": layers, "activations": recorder.acts,
+              "float_layers": float_layers,
               "sizes": {k: v for k, v in dataclasses.asdict(result).items()
                         if k.endswith("bytes")}}
   tmp = os.path.join(directory, METADATA_FILE + ".tmp")
@@ -955,10 +1009,29 @@ def serve_layer(mdl: nn.Module, kind: str, inputs: jax.Array,
   return _int_forward(mdl, kind, rec.ops, x_q, rec.kernel)
 
 
+def serve_act(mdl: nn.Module, tq: TensorQuant, x: jax.Array) -> jax.Array:
+  """A quantized activation from its stored scale: the integers
+  dequantized (its own code where the scale is dynamic)."""
+  qp = act_qparams(mdl, tq)
+  if qp is None:
+    return None
+  return qz.dequantize(qz.to_int(x, qp, tq.rounding).astype(x.dtype),
+                       dataclasses.replace(qp, zero_point=None))
+
+
 def _serve_interceptor(next_fun, args, kwargs, context):
   mdl = context.module
   if context.method_name != "__call__":
     return next_fun(*args, **kwargs)
+  tq = served_act(mdl)
+  if tq is not None:
+    y = serve_act(mdl, tq, *args, **kwargs)
+    return next_fun(*args, **kwargs) if y is None else y
+  if isinstance(mdl, QuantAct) and _get(mdl, "input_scale") is not None:
+    raise ValueError(
+        f"activation {_path(mdl)!r} is float in the model but the serving "
+        "checkpoint holds a scale for it; load with the model and rules that "
+        "were exported")
   kind = served_kind(mdl)
   if kind is not None:
     return serve_layer(mdl, kind, *args, **kwargs)

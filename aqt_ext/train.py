@@ -48,7 +48,6 @@ from aqt_ext import cost as cost_lib
 from aqt_ext import data as data_lib
 from aqt_ext import models
 from aqt_ext import nnx as aqt_nnx
-from aqt_ext.config import parse_spec
 from aqt_ext.core.contract import QUANT_RNG
 from aqt_ext.core.methods import REGISTRY
 
@@ -160,7 +159,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{field}={config[field]} must be a multiple "
                        f"of the device count ({jax.device_count()})")
   # Raises on a bad spec, with the first/last-layer rules the model uses.
-  parse_spec(config.quant, first=models.FIRST_LAYER, last=models.LAST_LAYER)
+  models.quant_spec(config.quant)
   info = data_lib.get_info(config.dataset, config.data_dir)
   try:  # a hold-out that leaves no training data, or overlaps it
     data_lib.train_split(config.dataset, config.data_dir,
@@ -199,6 +198,13 @@ def nnx_variables(model: nnx.Module) -> dict:
                     "training does not keep; allowed: "
                     f"{', '.join(t.__name__ for t in NNX_COLLECTIONS.values())}")
   return {c: nnx.to_pure_dict(s) for c, s in zip(NNX_COLLECTIONS, states)}
+
+
+def _update_static_ranges(model: nnx.Module) -> None:
+  """Every quantizer of `model` (layers and activation quantizers) updates
+  its static ranges in the next passes (BatchNorm stays in eval mode)."""
+  for _, q in (*aqt_nnx.quant_layers(model), *aqt_nnx.quant_acts(model)):
+    q.use_running_average = False
 
 
 class NnxModel:
@@ -253,8 +259,7 @@ class NnxModel:
       # batch_stats, quant_stats])``: BatchNorm on its loaded averages, the
       # quantizer parameters created from the loaded kernels and `x`, the
       # static ranges calibrated on `x` once; auxiliary losses dropped.
-      for _, layer in aqt_nnx.quant_layers(model):
-        layer.use_running_average = False
+      _update_static_ranges(model)
       aqt_nnx.set_paths(model)
       model(x)
       nnx.pop(model, aqt_nnx.QuantLoss)
@@ -299,8 +304,7 @@ class NnxModel:
     else:
       model.eval()
       if mutable and "quant_stats" in mutable:
-        for _, layer in aqt_nnx.quant_layers(model):
-          layer.use_running_average = False
+        _update_static_ranges(model)
     if rngs and QUANT_RNG in rngs:
       with aqt_nnx.quant_key(rngs[QUANT_RNG]):
         y = model(x)
@@ -318,8 +322,7 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int,
   """The linen model of the config, or its `NnxModel` (config.framework);
   quantized by `quant` (a ModelQuant), else by ``config.quant``."""
   if quant is None:
-    quant = parse_spec(config.quant, first=models.FIRST_LAYER,
-                       last=models.LAST_LAYER)
+    quant = models.quant_spec(config.quant)
   kwargs = dict(num_classes=num_classes, width=config.width, quant=quant,
                 dtype=DTYPES[config.dtype])
   linen = models.create_model(config.model, **kwargs)

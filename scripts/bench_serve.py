@@ -14,6 +14,14 @@ Variants:
   Runtime, with the int8 output requantization that lets every conv run as
   ``QLinearConv``; ``ort_exact_<spec>``: without it (convs before residual
   adds run as float convs on dequantised integers).
+* ``ort_w4a4_fl8_r8``: the model trained with its residual adds' inputs
+  quantized (``_r8``): every conv's output quantization is QAT's own, so
+  all 21 convs run as ``QLinearConv`` without any added requantization;
+  ``ort_wide_w4a4_fl8_r8``: the same with the 4-bit input integers widened
+  (the int32 bias on a 17x finer grid; ``requantize=False``);
+  ``ort_exact_w4a4_fl8_r8``: widened, and the first conv and the two
+  projections as float ops (``float_layers``): the graph closest to QAT
+  eval (experiments/RESULTS.md).
 
 Weights are random (timing does not depend on them); static input ranges
 are calibrated on the benchmark batch. All variants of a batch size are
@@ -45,7 +53,6 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from onnx import numpy_helper
 
 from aqt_ext import models, serve
-from aqt_ext.config import parse_spec
 
 VARIANTS = {
     "float": "float",
@@ -55,12 +62,17 @@ VARIANTS = {
     "ort_w8a8": "w8a8_static",
     "ort_w4a4_fl8": "w4a4_fl8_static",
     "ort_exact_w4a4_fl8": "w4a4_fl8_static",
+    "ort_w4a4_fl8_r8": "w4a4_fl8_static_r8",
+    "ort_wide_w4a4_fl8_r8": "w4a4_fl8_static_r8",
+    "ort_exact_w4a4_fl8_r8": "w4a4_fl8_static_r8",
 }
+# The ONNX export's float_layers of a variant (default: none).
+FLOAT_LAYERS = {"ort_exact_w4a4_fl8_r8": r"conv_init$|proj_conv$"}
 EVAL = {"train": False}
 
 
 def make_model(spec: str):
-  quant = parse_spec(spec, first=models.FIRST_LAYER, last=models.LAST_LAYER)
+  quant = models.quant_spec(spec)
   return models.create_model("cifar_resnet20", num_classes=10, quant=quant)
 
 
@@ -102,7 +114,9 @@ def make_variant(name: str, x, workdir: str, threads: int):
   if name.startswith("ort_"):
     from aqt_ext.export import onnx as ox  # pylint: disable=g-import-not-at-top
     proto = ox.to_onnx(model, variables, np.asarray(x), call_kwargs=EVAL,
-                       requantize=not name.startswith("ort_exact_"))
+                       requantize=not name.startswith(("ort_exact_",
+                                                       "ort_wide_")),
+                       float_layers=FLOAT_LAYERS.get(name))
     path = f"{workdir}/{name}.onnx"
     ox.save(proto, path)
     fused = ox.fused_ops(proto, f"{workdir}/{name}.opt.onnx")

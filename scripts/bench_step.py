@@ -29,7 +29,6 @@ import numpy as np
 import optax
 
 from aqt_ext import models, train
-from aqt_ext.config import parse_spec
 
 VARIANTS = {
     "float": "float",
@@ -86,7 +85,7 @@ def loss_and_stats(logits, labels, losses):
 def make_step(spec: str, batch, hand_ste: bool = False, nnx: bool = False):
   """The jitted train step of a variant; with `nnx`, of the NNX model as the
   training loop runs it (`aqt_ext.train.NnxModel`: merged inside the step)."""
-  quant = parse_spec(spec, first=models.FIRST_LAYER, last=models.LAST_LAYER)
+  quant = models.quant_spec(spec)
   if nnx:
     model = train.NnxModel(lambda rngs, in_features: models.create_model(
         "cifar_resnet20", num_classes=10, quant=quant, framework="nnx",

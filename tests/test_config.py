@@ -77,3 +77,30 @@ def test_static_suffix_makes_uniform_input_ranges_static():
     A.parse_spec("aqt:w4a4_static")
   with pytest.raises(ValueError, match="is not valid"):
     A.parse_spec("w4a4_static_fl8")
+
+
+def test_residual_suffix_quantizes_the_named_activations_first():
+  """``_rR``: one rule per `residual` regex, before the others (first match
+  wins), an R-bit static per-tensor range on that regex's grid; the
+  layers' configs are those of the spec without it."""
+  res = {"branch$": "full", "stem$": "unsigned"}
+  q = A.parse_spec("w4a4_fl8_static_r8", first="first$", last="last$",
+                   residual=res)
+  plain = A.parse_spec("w4a4_fl8_static", first="first$", last="last$")
+  assert q.default == plain.default and q.rules[2:] == plain.rules
+  assert [p for p, _ in q.rules[:2]] == ["branch$", "stem$"]
+  for (_, lq), grid in zip(q.rules[:2], ("full", "unsigned")):
+    assert lq.input == TensorQuant("uniform", 8, grid=grid,
+                                   calibration="static")
+    assert lq.weight == A.config.FLOAT
+  # An activation quantizer takes its rule's input; the default never.
+  assert q.for_activation("s/branch") == q.rules[0][1].input
+  assert q.for_activation("s/conv1") == A.config.FLOAT
+  assert A.parse_spec("w4a4_r6", residual=res).for_activation(
+      "stem").bits == 6
+  assert A.parse_spec("w4a4_r8").rules == ()  # no regexes given
+  for bad in ("w4a4_r9", "w4a4_r1"):
+    with pytest.raises(ValueError, match="residual bits"):
+      A.parse_spec(bad, residual=res)
+  with pytest.raises(ValueError, match="is not valid"):
+    A.parse_spec("w4a4_r8_static", residual=res)

@@ -268,6 +268,9 @@ def test_command_refuses_bad_flags_before_any_work(tmp_path):
   (tmp_path / "config.json").write_text("{}")
   r = run(f"--workdir={tmp_path}", f"--out={tmp_path / 'm.txt'}")
   assert r.returncode != 0 and "paths ending in .onnx" in r.stderr
+  r = run(f"--workdir={tmp_path}", f"--out={out}", "--float_layers=conv(")
+  assert r.returncode != 0 and "--float_layers='conv(' is not a valid" in (
+      r.stderr)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
 
 
@@ -290,3 +293,80 @@ def test_asymmetric_input_grid_keeps_its_zero_point():
       v, x))
   np.testing.assert_allclose(y, want, rtol=1e-5,
                              atol=1e-5 * np.abs(want).max())
+
+
+@pytest.fixture(scope="module")
+def digits_resnet():
+  """The zoo's ResNet-8 (width 0.5) at ``w4a4_fl8_static_r8``: the
+  activations that meet a residual add are quantized in QAT. Trained by QAT
+  for 150 Adam steps on scikit-learn's digits (first 1,400 images)."""
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  d = load_digits()
+  images = (d.images / 16.0).astype(np.float32)[..., None] - 0.5
+  xtr, ytr, xte, yte = images[:1400], d.target[:1400], images[1400:], d.target[
+      1400:]
+  model = models.create_model("cifar_resnet8", num_classes=10, width=0.5,
+                              quant=models.quant_spec("w4a4_fl8_static_r8"))
+  v = jax.jit(functools.partial(model.init, **EVAL))(jax.random.PRNGKey(0),
+                                                      xtr[:32])
+  params, rest = v["params"], {k: c for k, c in v.items() if k != "params"}
+  tx = optax.adam(3e-3)
+  opt = tx.init(params)
+
+  @jax.jit
+  def step(params, rest, opt, x, y):
+    def loss(p):
+      out, upd = model.apply({"params": p, **rest}, x, train=True,
+                             mutable=["batch_stats", "quant_stats"])
+      return optax.softmax_cross_entropy_with_integer_labels(out, y).mean(), (
+          upd)
+    (_, upd), g = jax.value_and_grad(loss, has_aux=True)(params)
+    u, opt = tx.update(g, opt, params)
+    return optax.apply_updates(params, u), {**rest, **upd}, opt
+
+  rng = np.random.default_rng(0)
+  for _ in range(150):
+    idx = rng.integers(0, len(xtr), 64)
+    params, rest, opt = step(params, rest, opt, xtr[idx], ytr[idx])
+  return model, {"params": params, **rest}, xtr, xte, yte
+
+
+def test_residual_quantized_resnet_is_exact_and_fully_fused(digits_resnet,
+                                                            tmp_path):
+  """With the residual adds' inputs quantized in QAT, every conv's output
+  quantization is QAT's own: all 9 convs of the ResNet-8 run as ORT's
+  QLinearConv in both graphs, no requantization is calibrated, the graph as
+  written computes the integer execution to float rounding, and with ORT's
+  fused kernels it predicts as QAT eval on the digits test images."""
+  model, v, xtr, xte, yte = digits_resnet
+  qat = np.asarray(model.apply(v, xte, **EVAL))
+  acc = np.mean(qat.argmax(-1) == yte)
+  assert acc > 0.85  # it learned
+  want = int_logits(model, v, xte)
+  float_layers = r"conv_init$|proj_conv$"
+  for requantize, floats in ((True, None), (False, None),
+                             (False, float_layers)):
+    proto = ox.to_onnx(model, v, xte[:64], call_kwargs=EVAL,
+                       requantize=requantize, float_layers=floats)
+    nfloat = 3 if floats else 0  # conv_init, stage{1,2}_block0/proj_conv
+    scales = {t.name: float(onnx.numpy_helper.to_array(t))
+              for t in proto.graph.initializer
+              if t.name.endswith((".out_scale", "_quant_scale"))}
+    stored = serve.record_export(model, v, xte[:64], call_kwargs=EVAL)[1]
+    # The outputs of conv_init (through its ReLU: stem_quant), of the 3
+    # blocks' conv2 and of the 2 projections are QAT's activation scales
+    # (a float layer's output quantization is its activation's Q/DQ).
+    assert len(scales) == 6
+    assert sorted(scales.values()) == sorted(
+        float(np.reshape(s, ())) for k, s in stored.items()
+        if k.endswith("_quant/input_scale"))
+    (y,) = unoptimized(proto).run(None, {ox.INPUT: xte})
+    np.testing.assert_allclose(y, want, rtol=1e-5,
+                               atol=1e-5 * np.abs(want).max())
+    fused = ox.fused_ops(proto, str(tmp_path / f"opt{requantize}{nfloat}"
+                                               ".onnx"))
+    assert fused.get("QLinearConv", 0) == 9 - nfloat, fused
+    assert fused.get("Conv", 0) + fused.get("FusedConv", 0) == nfloat, fused
+    (y,) = ox.session(proto).run(None, {ox.INPUT: xte})
+    agree = np.mean(y.argmax(-1) == qat.argmax(-1))
+    assert agree >= 0.995, (requantize, agree)

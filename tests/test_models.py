@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aqt_ext.config import parse_spec
+from aqt_ext.config import TensorQuant, parse_spec
 from aqt_ext.cost import model_cost
 from aqt_ext.models import FIRST_LAYER, LAST_LAYER, MODELS, create_model
 from aqt_ext.models.resnet import CIFAR_DEPTHS, IMAGENET_STAGES
@@ -182,3 +182,71 @@ def test_batchnorm_train_vs_eval(small):
   y_eval = _apply(model, variables, x, train=False)
   np.testing.assert_allclose(_apply(model, variables, x[:1], train=False),
                              y_eval[:1], rtol=1e-5, atol=1e-5)
+
+
+def test_residual_activation_quantizers():
+  """``_r8``: the stem output, every branch output and projection
+  shortcut before the add are quantized (8 bits, static range) by their
+  `QuantAct`; the params are those of the model without them; in eval each
+  one's output lies on its grid, and the float model's QuantActs are the
+  identity (no variables)."""
+  from aqt_ext import models  # pylint: disable=g-import-not-at-top
+  from aqt_ext.core import quantizers as qz  # pylint: disable=g-import-not-at-top
+  from aqt_ext.linen import QuantAct  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
+  quant = models.quant_spec("w4a4_fl8_static_r8")
+  model = create_model("cifar_resnet8", num_classes=10, width=0.5,
+                       quant=quant)
+  v = model.init(jax.random.key(1), x, train=False)
+  plain = create_model("cifar_resnet8", num_classes=10, width=0.5,
+                       quant=models.quant_spec("w4a4_fl8_static"))
+  v0 = plain.init(jax.random.key(1), x, train=False)
+  assert jax.tree.map(np.shape, v["params"]) == jax.tree.map(np.shape,
+                                                             v0["params"])
+  stats = v["quant_stats"]
+  acts = sorted("/".join(k[:-1]) for k in
+                __import__("flax").traverse_util.flatten_dict(stats)
+                if k[-1] == "input_amax" and k[-2].endswith("_quant"))
+  assert acts == ["stage0_block0/branch_quant", "stage1_block0/branch_quant",
+                  "stage1_block0/shortcut_quant",
+                  "stage2_block0/branch_quant",
+                  "stage2_block0/shortcut_quant"]
+  assert "input_max" in stats["stem_quant"]  # unsigned: post-ReLU
+  # Calibrate (BN scales made nonzero so that branches carry signal).
+  v = jax.tree_util.tree_map_with_path(
+      lambda p, a: a + 0.5 if "scale" in str(p) else a, v)
+  _, upd = model.apply(v, x, train=True, mutable=["batch_stats",
+                                                  "quant_stats"])
+  v = {**v, **upd}
+  seen = {}
+
+  def grab(next_fun, args, kwargs, context):
+    y = next_fun(*args, **kwargs)
+    if isinstance(context.module, QuantAct) and (
+        context.method_name == "__call__"):
+      seen["/".join(context.module.scope.path)] = (args[0], y)
+    return y
+
+  with __import__("flax").linen.intercept_methods(grab):
+    model.apply(v, x, train=False)
+  assert len(seen) == 6
+  for path, (a, y) in seen.items():
+    tq = quant.for_activation(path)
+    st = __import__("flax").traverse_util.flatten_dict(v["quant_stats"])
+    r = st[tuple(path.split("/")) + (
+        "input_max" if tq.grid == "unsigned" else "input_amax",)]
+    qp = qz.qparams_from_range({"max" if tq.grid == "unsigned" else "amax": r},
+                               tq.grid, 8)
+    np.testing.assert_array_equal(y, qz.fake_quant(a, qp))
+    t = np.asarray(y) / np.asarray(qp.scale)
+    np.testing.assert_allclose(t, np.round(t), atol=1e-3)
+    assert not np.array_equal(y, a)
+  # Float: the identity.
+  fl = create_model("cifar_resnet8", num_classes=10, width=0.5)
+  vf = fl.init(jax.random.key(1), x, train=False)
+  assert "quant_stats" not in vf
+  assert QuantAct().apply({}, x) is x
+  with pytest.raises(ValueError, match="granularity='per_channel' is not "
+                     "allowed for an activation quantizer"):
+    QuantAct(TensorQuant("uniform", 8, granularity="per_channel")).init(
+        jax.random.key(0), x)

@@ -188,3 +188,37 @@ def test_served_matches_qat_eval_closely(tmp_path):
   tol = 0.02 * float(jnp.max(jnp.abs(qat)))
   assert float(jnp.max(jnp.abs(out - qat))) <= tol
 
+
+
+def test_residual_activation_quantizers_are_served(tmp_path):
+  """The NNX ResNet-8 at ``w4a4_fl8_static_r8``: its `QuantAct`s' scales
+  are stored as linen's are, and the served model equals its
+  integer-execution twin bit for bit; a model without them refuses the
+  checkpoint."""
+  from aqt_ext import models  # pylint: disable=g-import-not-at-top
+
+  def build(spec):
+    return models.create_model(
+        "cifar_resnet8", framework="nnx", rngs=nnx.Rngs(0), in_features=1,
+        num_classes=10, width=0.25, quant=models.quant_spec(spec))
+
+  x = _x(8)
+  model = build("w4a4_fl8_static_r8")
+  qnnx.init(model, x)
+  model.train()
+  for i in range(2):
+    model(_x(8, seed=i + 1))
+  nserve.export(model, x, str(tmp_path / "e"))
+  meta = json.loads((tmp_path / "e" / serve.METADATA_FILE).read_text())
+  assert sorted(meta["activations"]) == [
+      "stage0_block0/branch_quant", "stage1_block0/branch_quant",
+      "stage1_block0/shortcut_quant", "stage2_block0/branch_quant",
+      "stage2_block0/shortcut_quant", "stem_quant"]
+  fresh = build("w4a4_fl8_static_r8")
+  qnnx.init(fresh, _x(8, seed=9))
+  out = nserve.load(str(tmp_path / "e"), fresh)(x)
+  np.testing.assert_array_equal(out, _twin_output(model, x))
+  plain = build("w4a4_fl8_static")
+  qnnx.init(plain, x)
+  with pytest.raises(ValueError, match="quantized activations"):
+    nserve.load(str(tmp_path / "e"), plain)

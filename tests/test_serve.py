@@ -910,3 +910,40 @@ def test_einsum_layers_are_served_from_integers(tmp_path):
   assert sorted(meta) == ["Dense_0", "Einsum_0", "Einsum_1"]
   assert meta["Einsum_0"]["kernel_shape"] == [3, 4, 5]
   assert set(served.variables["params"]["Einsum_0"]) == {"bias"}
+
+
+def test_residual_activation_quantizers_are_served(tmp_path):
+  """``_r8`` (the activations meeting the residual adds quantized by their
+  `QuantAct`): each one's trained scale is stored, listed under
+  ``activations``, and the served logits equal the integer-execution twin's
+  bit for bit; a model without them refuses the checkpoint, and an
+  uncalibrated one is refused at export."""
+  quant = models.quant_spec("w4a4_fl8_static_r8")
+  model = resnet(quant=quant)
+  x = X[:32]
+  v = random_variables(model, x, train=False)
+  _, upd = jax.jit(functools.partial(
+      model.apply, train=True, mutable=["batch_stats", "quant_stats"]))(v, x)
+  variables = {**v, **upd}
+  served, _ = serve_and_compare(model, variables, (x,), str(tmp_path / "s"),
+                                EVAL)
+  acts = served.metadata["activations"]
+  assert sorted(acts) == sorted(
+      ["stem_quant", "stage0_block0/branch_quant",
+       "stage1_block0/branch_quant", "stage1_block0/shortcut_quant",
+       "stage2_block0/branch_quant", "stage2_block0/shortcut_quant"])
+  assert all(m["input"] == "stored" for m in acts.values())
+  stored = flatten_dict(served.variables[serve.SERVE])
+  assert ("stage1_block0", "shortcut_quant", "input_scale") in stored
+  plain = resnet(quant=models.quant_spec("w4a4_fl8_static"))
+  with pytest.raises(ValueError, match="'stem_quant' is float in the model"):
+    serve.load(str(tmp_path / "s"), plain, x, call_kwargs=EVAL)
+  with pytest.raises(ValueError, match="'stem_quant' is quantized in the "
+                     "model but the serving checkpoint holds no scale"):
+    serve.export(plain, {k: c for k, c in variables.items()},
+                 x, str(tmp_path / "p"), call_kwargs=EVAL)
+    serve.load(str(tmp_path / "p"), model, x, call_kwargs=EVAL)
+  raw = {**variables, "quant_stats": jax.tree.map(jnp.zeros_like,
+                                                  variables["quant_stats"])}
+  with pytest.raises(ValueError, match="never calibrated"):
+    serve.export(model, raw, x, str(tmp_path / "u"), call_kwargs=EVAL)

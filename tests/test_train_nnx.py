@@ -108,10 +108,17 @@ def random_floats(name, x, width=0.25, seed=1) -> dict:
 # Every method in one model (fewer, slower compiles than one model each):
 # DQ (levels; inputs with the auxiliary loss) by default, a static uniform
 # range on the stem, LSQ in stage 0, PACT and a static DQ input in stage 1,
-# dynamic uniform in stage 2 and on the head.
+# dynamic uniform in stage 2 and on the head; the activation quantizers
+# (`QuantAct`) of the residual adds: the stem's output and stage 2's
+# branch and shortcut static, stage 1's branch by LSQ.
 MIXED = ModelQuant(
     default=layer_preset("dq", 4, 4),
     rules=(
+        (r"stem_quant$|^stage2_.*_quant$", LayerQuant(input=TensorQuant(
+            "uniform", 8, grid="full", calibration="static",
+            ema_decay=0.5))),
+        (r"^stage1_block0/branch_quant$", LayerQuant(input=TensorQuant(
+            "lsq", 6, grid="full"))),
         (models.FIRST_LAYER, LayerQuant(
             TensorQuant("uniform", 8, granularity="per_channel"),
             TensorQuant("uniform", 8, calibration="static", ema_decay=0.5))),
@@ -217,11 +224,15 @@ def test_nnx_train_steps_equal_linen(tmp_path):
       assert_trees_equal(getattr(ls, coll), getattr(ns, coll))
     assert_trees_equal(ls.opt_state, ns.opt_state)
     assert float(nm["loss"] - nm["cross_entropy"]) > 0  # DQ's term
-  # The static ranges (stem, stage1 projection) moved: calibrated once at
-  # init_from (as linen's), then the EMA ran at both steps.
+  # The static ranges (stem, stage1 projection, the activation quantizers)
+  # moved: calibrated once at init_from (as linen's), then the EMA ran at
+  # both steps.
   stats = flat(nsteps[-1][0].quant_stats)
-  assert sorted(k[0] for k in stats if k[-1] == "input_count") == [
-      "conv_init", "stage1_block0"]
+  assert sorted("/".join(k[:-1]) for k in stats if k[-1] == "input_count") == [
+      "conv_init", "stage1_block0/proj_conv", "stage2_block0/branch_quant",
+      "stage2_block0/shortcut_quant", "stem_quant"]
+  assert "input_lsq_step" in nsteps[-1][0].params["stage1_block0"][
+      "branch_quant"]
   assert {int(v) for k, v in stats.items() if k[-1] == "input_count"} == {3}
   assert not np.array_equal(lsteps[-1][0].params["head"]["kernel"],
                             l0.params["head"]["kernel"])

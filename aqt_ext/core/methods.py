@@ -21,6 +21,17 @@ REGISTRY = Registry([floats.FLOAT, floats.BF16, uniform.UNIFORM, lsq.LSQ,
                      pact.PACT, dq.DQ, fp8.FP8])
 
 
+def quantize_activation(ctx: QuantContext, x: jax.Array, tq: Any,
+                        want_int: bool = False) -> Quantized:
+  """Quantizes an activation that no layer takes as its input (a
+  ``QuantAct``; its state is named as a layer input's, ``input_*``) by a
+  per-tensor `tq`: one scale, so its axes name nothing that matters."""
+  ndim = jax.numpy.ndim(x)
+  return quantize_operand(ctx, "input", x, tq,
+                          qz.OperandAxes(tuple(range(ndim)), ndim - 1),
+                          is_weight=False, want_int=want_int)
+
+
 def quantize_operand(ctx: QuantContext, name: str, x: jax.Array, tq: Any,
                      axes: qz.OperandAxes, *, is_weight: bool,
                      want_int: bool = False, keep_ints: bool = False

@@ -1,7 +1,7 @@
 r"""Exports the model a training workdir holds, and checks the export by running it.
 
   python -m aqt_ext.export --workdir=W --format=onnx --out=model.onnx \
-      [--requantize=true] [--check_examples=1000]
+      [--requantize=true] [--float_layers=REGEX] [--check_examples=1000]
 
 Reads ``W/config.json`` (the config that trained the model) and the latest
 checkpoint in ``W/checkpoints``, writes the ONNX graph
@@ -17,6 +17,7 @@ export fails (flags, workdir, model).
 
 import json
 import os
+import re
 import tempfile
 
 from absl import app, flags
@@ -33,6 +34,10 @@ flags.DEFINE_string("out", None, "The file to write (.onnx).")
 flags.DEFINE_bool("requantize", True, "ONNX: int8 output requantization "
                   "where QAT has none, so that every conv runs as an integer "
                   "kernel (aqt_ext.export.onnx).")
+flags.DEFINE_string("float_layers", "", "ONNX: a regex of integer layer "
+                    "paths written as float ops on their fake-quant operands "
+                    "(e.g. 'conv_init$': a first conv on few channels, whose "
+                    "fused kernel would round its bias coarsely).")
 flags.DEFINE_integer("check_examples", 1000, "Evaluation images the export "
                      "is checked on (0: no check).")
 
@@ -51,6 +56,11 @@ def check_flags() -> None:
   if not FLAGS.out or not FLAGS.out.endswith(".onnx"):
     raise app.UsageError(f"--out={FLAGS.out!r}: allowed values are paths "
                          "ending in .onnx")
+  try:
+    re.compile(FLAGS.float_layers)
+  except re.error as e:
+    raise app.UsageError(f"--float_layers={FLAGS.float_layers!r} is not a "
+                         f"valid regular expression: {e}") from None
   if FLAGS.check_examples < 0:
     raise app.UsageError(f"--check_examples={FLAGS.check_examples}: allowed "
                          "values are ints >= 0")
@@ -81,11 +91,13 @@ def main(argv) -> None:
   kwargs = {"train": False}
   proto = ox.to_onnx(model, variables, np.asarray(calibration[:8]),
                      call_kwargs=kwargs, requantize=FLAGS.requantize,
-                     calibration=np.asarray(calibration))
+                     calibration=np.asarray(calibration),
+                     float_layers=FLAGS.float_layers or None)
   ox.save(proto, FLAGS.out)
   report = {"out": os.path.abspath(FLAGS.out),
             "bytes": os.path.getsize(FLAGS.out), "quant": config.quant,
-            "requantize": FLAGS.requantize}
+            "requantize": FLAGS.requantize,
+            "float_layers": FLAGS.float_layers}
   with tempfile.TemporaryDirectory() as tmp:
     report["fused"] = {k: v for k, v in ox.fused_ops(
         proto, os.path.join(tmp, "optimized.onnx")).items()

@@ -30,12 +30,17 @@ calibrated), and each equation becomes ONNX nodes:
 Requantization [design]: ORT's integer conv kernel (``QLinearConv``) needs a
 quantized output. Where QAT's next op is a quantized layer's input (after a
 ReLU), that layer's own ``QuantizeLinear`` is the output quantization, so
-nothing is added. Where it is not (a conv before a residual add),
-``requantize=True`` adds an int8 Q/DQ pair on the conv's output with the
-scale ``max|y| / 127`` calibrated on `calibration` inputs; that rounding is
-not in the QAT model and is where ORT's output departs from QAT eval (the
-fast graph). With ``requantize=False`` those convs run as float convs on
-dequantised integers (the exact graph, slower).
+nothing is added. Where QAT quantizes the activation itself (a `QuantAct`:
+the zoo ResNets' ``_rR`` spec quantizes what meets each residual add), its
+stored scale is the conv's output quantization (a Q/DQ pair that ORT fuses
+into the kernel). Where QAT does neither (a conv before a residual add of a
+model trained without ``_rR``), ``requantize=True`` adds an int8 Q/DQ pair
+on the conv's output with the scale ``max|y| / 127`` calibrated on
+`calibration` inputs; that rounding is not in the QAT model and is where
+ORT's output departs from QAT eval (the fast graph). With
+``requantize=False`` those convs run as float convs on dequantised integers
+(the exact graph, slower). ``float_layers`` writes chosen layers as float
+ops on QAT's fake-quant operands (see `to_onnx`).
 
 ORT's int32 bias [design]: a fused kernel adds the (folded) bias rounded to
 its accumulator grid, ``s_x * s_w``, which QAT does not; at 4 bits that
@@ -54,14 +59,20 @@ same integers (``QuantizeLinear`` rounds half to even and saturates as
 `aqt_ext.core.quantizers.to_int` clips then rounds), summed in ORT's own
 order, so outputs differ by float rounding, and a value on a rounding edge
 of the next layer's grid can land one level apart. Measured on the default
-ResNet-20 (experiments/RESULTS.md): the exact graph predicts as QAT eval on
-100 % of the test images, the fast one on 96.9 %.
+ResNet-20 (experiments/RESULTS.md): without ``_rR``, the exact graph
+predicts as QAT eval on 100 % of the Fashion-MNIST test images, the fast
+one on 96.9 %; trained with ``_r8``, every conv fused, 97.7 % (99.3 % with
+the inputs widened, 99.8 % with the first conv and the projections as
+float ops): there the only departure left is ORT's rounding of each bias to
+the int32 grid, and a 4-bit network compounds those one-level flips.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import re
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -91,6 +102,19 @@ NCHW = (0, 3, 1, 2)  # physical NCHW of a logical NHWC tensor
 
 _INT_LAYER = jex.Primitive("aqt_int_layer")
 _INT_LAYER.def_abstract_eval(lambda x, *, index, out: out)
+# A quantized activation (`QuantAct`) with its stored scale.
+_QUANT_ACT = jex.Primitive("aqt_quant_act")
+_QUANT_ACT.def_abstract_eval(
+    lambda x, *, index: jax.core.ShapedArray(x.shape, x.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class ActRecord:
+  """A quantized activation: its path, TensorQuant and stored scale."""
+
+  path: str
+  quant: Any
+  qp: qz.QParams
 
 
 # Grids whose per-tensor dynamic scale the graph computes (no zero point).
@@ -103,10 +127,16 @@ class _Recorder:
 
   def __init__(self):
     self.records: list[serve.IntLayer] = []
+    self.acts: list[ActRecord] = []
 
   def __call__(self, next_fun, args, kwargs, context):
     mdl = context.module
-    kind = serve.served_kind(mdl) if context.method_name == "__call__" else None
+    if context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    tq = serve.served_act(mdl)
+    if tq is not None:
+      return self.act(mdl, tq, *args, **kwargs)
+    kind = serve.served_kind(mdl)
     if kind is None:
       return next_fun(*args, **kwargs)
     with jax.ensure_compile_time_eval():  # the stored arrays, concrete
@@ -116,6 +146,22 @@ class _Recorder:
     x = rec.ops.x
     out = jax.core.ShapedArray(_out_shape(rec), x.dtype)
     return _INT_LAYER.bind(x, index=len(self.records) - 1, out=out)
+
+  def act(self, mdl, tq, x):
+    path = serve.join_path(*(str(p) for p in mdl.scope.path))
+    with jax.ensure_compile_time_eval():
+      qp = serve.act_qparams(mdl, tq)
+    if qp is None:
+      raise ValueError(
+          f"activation {path!r} is quantized with a dynamic range "
+          f"(method={tq.method!r}, calibration={tq.calibration!r}): ONNX "
+          "export needs its stored scale; use calibration='static' (the "
+          "spec's _rR), LSQ or PACT")
+    if tq.bits > 8 or qp.qmin < -128 or qp.qmax > 255:
+      raise ValueError(f"activation {path!r}: its grid [{qp.qmin}, "
+                       f"{qp.qmax}] does not fit 8 bits")
+    self.acts.append(ActRecord(path, tq, jax.tree.map(np.asarray, qp)))
+    return _QUANT_ACT.bind(x, index=len(self.acts) - 1)
 
 
 def _check_layer(rec: serve.IntLayer) -> None:
@@ -166,9 +212,10 @@ def _out_shape(rec: serve.IntLayer) -> tuple[int, ...]:
 
 def trace(model: nn.Module, variables: Mapping, example_input: Any, *,
           call_kwargs: Mapping[str, Any] | None = None
-          ) -> tuple[jex.ClosedJaxpr, list[serve.IntLayer]]:
+          ) -> tuple[jex.ClosedJaxpr, list[serve.IntLayer], list[ActRecord]]:
   """The served model's jaxpr on `example_input` (its integer layers as
-  `_INT_LAYER` equations) and the layers' records."""
+  `_INT_LAYER` equations, its quantized activations as `_QUANT_ACT`), the
+  layers' records and the activations'."""
   kwargs = dict(call_kwargs or {})
   args = serve.example_args(example_input)
   if len(args) != 1:
@@ -188,7 +235,7 @@ def trace(model: nn.Module, variables: Mapping, example_input: Any, *,
       return apply(x)
 
   closed = jax.make_jaxpr(fn)(jnp.asarray(args[0]))
-  return closed, layers.records
+  return closed, layers.records, layers.acts
 
 
 # ---------------------------------------------------------------------------
@@ -246,11 +293,17 @@ class _Builder:
 
   def __init__(self, records: Sequence[serve.IntLayer],
                requant_scales: Mapping[int, float] | None = None,
-               widen: bool = True, widen_inputs: bool = False):
+               widen: bool = True, widen_inputs: bool = False,
+               acts: Sequence[ActRecord] = (),
+               float_layers: str | None = None):
     self.records = records
+    self.float_layers = float_layers
+    self.acts = acts
     self.widen = widen
     self.widen_inputs = widen_inputs
-    self.requant = dict(requant_scales or {})
+    # Layer index -> the (scale, zero point, lo, hi) of its int8 output.
+    self.requant = {i: (np.float32(r), 0, -128, 127)
+                    for i, r in (requant_scales or {}).items()}
     self.nodes: list = []
     self.inits: list = []
     self.names: set[str] = set()
@@ -344,25 +397,30 @@ class _Builder:
       sx = self.node("Div", [r, self.const(np.float32(qz.grid_bound(
           rec.input.grid, rec.input.bits)), hint + ".bound")],
                      hint + ".input_scale")
-    zx = self.const(ctype(zp), hint + ".input_zero_point")
-    q = self.node("QuantizeLinear", [x.name, sx, zx], hint + ".q")
-    info = np.iinfo(ctype)
-    if (lo, hi) != (info.min, info.max):
-      # The grid's range bounds q itself (zero point included), as in
-      # `qz.quantize`.
-      q = self.node("Clip", [q, self.const(ctype(lo), hint + ".qmin"),
-                             self.const(ctype(hi), hint + ".qmax")],
-                    hint + ".clip")
-    kx = 255 // hi if (self.widen_inputs and unsigned and zp == 0
-                       and hi < 255) else 1
-    if kx > 1:  # the same integers times kx, on a kx times finer scale
-      sx_w = self.node("Div", [sx, self.const(np.float32(kx), "kx")],
-                       hint + ".input_scale_widened")
-      q = self.node("QuantizeLinear", [self.node(
-          "DequantizeLinear", [q, sx, zx], hint + ".dq_narrow"), sx_w, zx],
-                    hint + ".q_widened")
-      sx = sx_w
-    dq = self.node("DequantizeLinear", [q, sx, zx], hint + ".dq")
+    as_float = bool(self.float_layers) and re.search(self.float_layers,
+                                                      rec.path) is not None
+    if as_float:  # QAT's fake quant in float ops: nothing for ORT to fuse
+      dq = self.fake_quant(x.name, sx, zp, lo, hi, hint)
+    else:
+      zx = self.const(ctype(zp), hint + ".input_zero_point")
+      q = self.node("QuantizeLinear", [x.name, sx, zx], hint + ".q")
+      info = np.iinfo(ctype)
+      if (lo, hi) != (info.min, info.max):
+        # The grid's range bounds q itself (zero point included), as in
+        # `qz.quantize`.
+        q = self.node("Clip", [q, self.const(ctype(lo), hint + ".qmin"),
+                               self.const(ctype(hi), hint + ".qmax")],
+                      hint + ".clip")
+      kx = 255 // hi if (self.widen_inputs and unsigned and zp == 0
+                         and hi < 255) else 1
+      if kx > 1:  # the same integers times kx, on a kx times finer scale
+        sx_w = self.node("Div", [sx, self.const(np.float32(kx), "kx")],
+                         hint + ".input_scale_widened")
+        q = self.node("QuantizeLinear", [self.node(
+            "DequantizeLinear", [q, sx, zx], hint + ".dq_narrow"), sx_w, zx],
+                      hint + ".q_widened")
+        sx = sx_w
+      dq = self.node("DequantizeLinear", [q, sx, zx], hint + ".dq")
     ints = np.asarray(rec.kernel.ints).astype(np.int32)
     ws = np.asarray(rec.kernel.qp.scale, np.float32)
     out = ints.shape[-1]
@@ -377,7 +435,8 @@ class _Builder:
     # its scale over k_c: the same weights, but ORT's int32 bias (rounded to
     # s_x * s_w) gets a k_c times finer grid (15x at 4 bits).
     amax = np.abs(ints.reshape(-1, out)).max(axis=0)
-    k = np.maximum(127 // np.maximum(amax, 1), 1) if self.widen else 1
+    k = np.maximum(127 // np.maximum(amax, 1), 1) if (
+        self.widen and not as_float) else 1
     sign = np.where(mul < 0, -1, 1)
     ints = ints * (sign * k)  # the trained integers, up to sign and k
     scale = (ws.astype(np.float64) * np.abs(mul) / k).astype(np.float32)
@@ -390,12 +449,17 @@ class _Builder:
     else:
       w = ints.astype(np.int8)  # (K, N)
       axis = 1
-    wq = self.const(w, hint + ".kernel")
-    dw = self.node("DequantizeLinear", [wq, self.const(scale, hint +
-                                                       ".kernel_scale"),
-                                        self.const(np.zeros((out,), np.int8),
-                                                   hint + ".kernel_zero")],
-                   hint + ".dw", axis=axis)
+    if as_float:  # the dequantized kernel
+      shape = [1] * w.ndim
+      shape[axis] = out
+      dw = self.const(w.astype(np.float32) * scale.reshape(shape),
+                      hint + ".kernel_float")
+    else:
+      wq = self.const(w, hint + ".kernel")
+      dw = self.node("DequantizeLinear", [wq, self.const(
+          scale, hint + ".kernel_scale"), self.const(
+              np.zeros((out,), np.int8), hint + ".kernel_zero")],
+                     hint + ".dw", axis=axis)
     b = self.const(bias, hint + ".bias")
     if conv:
       c = rec.ops.conv
@@ -418,12 +482,55 @@ class _Builder:
       t = _T(self.node("Add", [y, b], hint + ".bias_add"), p.shape)
     self.layer_outputs[p.index] = t
     if p.index in self.requant:
-      rs = self.const(np.float32(self.requant[p.index]), hint + ".out_scale")
-      rz = self.const(np.int8(0), hint + ".out_zero_point")
-      rq = self.node("QuantizeLinear", [t.name, rs, rz], hint + ".out_q")
-      t = dataclasses.replace(t, name=self.node(
-          "DequantizeLinear", [rq, rs, rz], hint + ".out_dq"))
+      t = self.qdq(t, *self.requant[p.index], hint + ".out")
     return t
+
+  def fake_quant(self, x: str, sx: str, zp: int, lo: int, hi: int,
+                 hint: str) -> str:
+    """`x` quantized and dequantized in float ops, as
+    `aqt_ext.core.quantizers.quantize` / `dequantize` compute it
+    (``clip(x * (1/s) + z)``, rounded half to even, ``(q - z) * s``)."""
+    t = self.node("Mul", [x, self.node("Reciprocal", [sx], hint + ".rscale")],
+                  hint + ".t")
+    if zp:
+      t = self.node("Add", [t, self.const(np.float32(zp), "zp")], hint + ".tz")
+    t = self.node("Clip", [t, self.const(np.float32(lo), "lo"),
+                           self.const(np.float32(hi), "hi")], hint + ".tclip")
+    q = self.node("Round", [t], hint + ".round")
+    if zp:
+      q = self.node("Sub", [q, self.const(np.float32(zp), "zp")], hint + ".qz")
+    return self.node("Mul", [q, sx], hint + ".fake_quant")
+
+  def qdq(self, t: _T, scale, zp: int, lo: int, hi: int, hint: str) -> _T:
+    """QuantizeLinear (then a Clip where the grid is narrower than its 8-bit
+    type) and DequantizeLinear of `t`: int8 for a signed grid, uint8 for
+    an unsigned one."""
+    ctype = np.uint8 if lo >= 0 else np.int8
+    s = self.const(np.float32(scale), hint + "_scale")
+    z = self.const(ctype(zp), hint + "_zero_point")
+    q = self.node("QuantizeLinear", [t.name, s, z], hint + "_q")
+    info = np.iinfo(ctype)
+    if (lo, hi) != (info.min, info.max):
+      q = self.node("Clip", [q, self.const(ctype(lo), hint + "_qmin"),
+                             self.const(ctype(hi), hint + "_qmax")],
+                    hint + "_clip")
+    return dataclasses.replace(t, name=self.node(
+        "DequantizeLinear", [q, s, z], hint + "_dq"))
+
+  def act(self, index: int, x: Any, use: int, where: str) -> _T:
+    """A quantized activation: on an integer layer's output that nothing
+    else reads, that layer's output quantization (ORT fuses it into the
+    integer kernel); elsewhere a Q/DQ pair."""
+    rec = self.acts[index]
+    qp = rec.qp
+    zp = 0 if qp.zero_point is None else int(np.round(
+        np.asarray(qp.zero_point).reshape(())))
+    lo, hi = int(qp.qmin), int(qp.qmax)
+    spec = (np.float32(np.asarray(qp.scale).reshape(())), zp, lo, hi)
+    if isinstance(x, _Pending) and use == 1 and id(x) not in self.emitted:
+      self.requant[x.index] = spec
+      return self.tensor(x, where)
+    return self.qdq(self.tensor(x, where), *spec, rec.path or "act")
 
   # Equations. ---------------------------------------------------------------
 
@@ -460,6 +567,8 @@ class _Builder:
     prim = eqn.primitive.name
     inner = str(eqn.source_info.name_stack)
     where = "/".join(p for p in (scope, inner) if p) or "<top>"
+    if prim == _QUANT_ACT.name:
+      return [self.act(eqn.params["index"], ins[0], uses[0], where)]
     if prim == _INT_LAYER.name:
       (x,) = ins
       index = eqn.params["index"]
@@ -738,7 +847,8 @@ def _channel_vector(c: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
 def to_onnx(model: nn.Module, variables: Mapping, example_input: Any, *,
             call_kwargs: Mapping[str, Any] | None = None,
             calibration: Any = None, requantize: bool = True,
-            dynamic_batch: bool = True) -> "onnx.ModelProto":
+            dynamic_batch: bool = True,
+            float_layers: str | None = None) -> "onnx.ModelProto":
   """The ONNX graph of a trained aqt_ext model (module docstring).
 
   Args:
@@ -755,33 +865,49 @@ def to_onnx(model: nn.Module, variables: Mapping, example_input: Any, *,
       QAT has none, so that every integer conv runs as ORT's
       ``QLinearConv``. False: the exact graph (module docstring).
     dynamic_batch: the input's batch axis is symbolic (``'batch'``).
+    float_layers: a regex of integer layer paths (``re.search``) written as
+      float ops on QAT's fake-quant operands instead (no Q/DQ nodes, so ORT
+      runs them as float convs / matmuls): exact to float rounding, for a
+      layer whose fused kernel rounds its bias coarsely and that costs
+      little in float, such as a first conv on few input channels.
 
   Returns:
     The checked ``onnx.ModelProto`` (opset `OPSET`).
   """
-  closed, records = trace(model, variables, example_input,
-                          call_kwargs=call_kwargs)
+  if float_layers is not None:
+    try:
+      re.compile(float_layers)
+    except re.error as e:
+      raise ValueError(f"float_layers={float_layers!r} is not a valid regular "
+                       f"expression: {e}") from None
+  closed, records, acts = trace(model, variables, example_input,
+                                call_kwargs=call_kwargs)
   x = np.asarray(example_input)
-  proto, built = _build(closed, records, x, {}, dynamic_batch,
-                        widen_inputs=not requantize)
+  build = functools.partial(_build, closed, records, x,
+                            dynamic_batch=dynamic_batch, acts=acts,
+                            float_layers=float_layers)
+  proto, built = build({}, widen_inputs=not requantize)
   if requantize:
     fed = _quantized_consumers(built)
     need = [i for i, t in sorted(built.layer_outputs.items())
-            if records[i].kind == "conv" and i not in fed]
+            if records[i].kind == "conv" and i not in fed and not (
+                float_layers and re.search(float_layers, records[i].path))]
     if need:
       cal = np.asarray(x if calibration is None else calibration)
       ranges = _output_ranges(proto, [built.layer_outputs[i].name
                                       for i in need], cal)
       scales = {i: max(r, 1e-12) / 127.0 for i, r in zip(need, ranges)}
-      proto, _ = _build(closed, records, x, scales, dynamic_batch)
+      proto, _ = build(scales)
   onnx.checker.check_model(proto)
   return proto
 
 
-def _build(closed, records, x: np.ndarray, requant: Mapping[int, float],
-           dynamic_batch: bool, widen_inputs: bool = False
+def _build(closed, records, x: np.ndarray, requant: Mapping[int, float], *,
+           dynamic_batch: bool, widen_inputs: bool = False,
+           acts: Sequence[ActRecord] = (), float_layers: str | None = None
            ) -> tuple["onnx.ModelProto", _Builder]:
-  b = _Builder(records, requant, widen_inputs=widen_inputs)
+  b = _Builder(records, requant, widen_inputs=widen_inputs, acts=acts,
+               float_layers=float_layers)
   b.batch = x.shape[0] if dynamic_batch else None
   (out,) = b.run(closed.jaxpr, closed.consts, [_T(INPUT, x.shape)])
   t = b.layout(out, None, "<output>")

@@ -44,13 +44,14 @@ from flax.linen.dtypes import promote_dtype
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax import lax
 
-from aqt_ext.config import LayerQuant, ModelQuant
+from aqt_ext.config import (LayerQuant, ModelQuant, TensorQuant,
+                            activation_quant)
 from aqt_ext.core import contract, initializers as fast_init, int_ops
 from aqt_ext.core import lsq as lsq_lib
 from aqt_ext.core import quantizers as qz
 from aqt_ext.core.context import AQUANT, LOSSES, PARAMS, STATS
 from aqt_ext.core.int_ops import Quantized
-from aqt_ext.core.methods import quantize_operand
+from aqt_ext.core.methods import quantize_activation, quantize_operand
 
 # flax's lecun_normal, drawn flat: the same values, compiled in a fraction
 # of the time for conv kernels (`aqt_ext.core.initializers`).
@@ -240,6 +241,32 @@ class QuantConv(nn.Module):
       y = y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
     return y.reshape(batch_shape + y.shape[1:]) if batch_shape != (
         y.shape[0],) else y
+
+
+class QuantAct(nn.Module):
+  """Quantizes an activation that no layer takes as its input, and returns
+  its dequantized value (straight-through gradients masked by clipping).
+
+  E.g. a residual branch's output before the add: an integer deployment
+  rounds it there (ONNX Runtime's fused integer conv writes a quantized
+  output), and a QuantAct makes QAT compute the same. The range is the
+  TensorQuant's (``calibration='static'``: an EMA in ``quant_stats``, as a
+  layer input's). `quant` is a TensorQuant, or a ModelQuant whose first
+  rule matching the module path gives it (``ModelQuant.for_activation``:
+  the default never applies). Float: the identity, no variables.
+  """
+
+  quant: TensorQuant | ModelQuant = TensorQuant()
+
+  def act_quant(self) -> TensorQuant:
+    return activation_quant(self.quant, module_path(self))
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    tq = self.act_quant()
+    if tq.method == "float":
+      return x
+    return quantize_activation(LinenContext(self), x, tq).fake
 
 
 def conv_geometry(mdl: nn.Module, inputs: jax.Array):

@@ -20,13 +20,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from aqt_ext import nnx as aqt_nnx
-from aqt_ext.config import ModelQuant
+from aqt_ext.config import ModelQuant, parse_spec
 from aqt_ext.models import nnx_resnet
 from aqt_ext.models.resnet import (CIFAR_DEPTHS, IMAGENET_STAGES, CifarResNet,
                                    ResNet)
 
 FIRST_LAYER = r"(^|/)conv_init$"
 LAST_LAYER = r"(^|/)head$"
+# The activation quantizers of what meets a residual add (`QuantAct`),
+# regex -> grid: the pre-add outputs are signed, the stem's ReLU output not.
+RESIDUAL = {r"(^|/)(branch|shortcut)_quant$": "full",
+            r"(^|/)stem_quant$": "unsigned"}
 FRAMEWORKS = ("linen", "nnx")
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -37,6 +41,13 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 NNX_MODELS: dict[str, Callable[..., nnx.Module]] = nnx_resnet.MODELS
 assert set(NNX_MODELS) == set(MODELS)
+
+
+def quant_spec(spec: str) -> ModelQuant:
+  """`aqt_ext.config.parse_spec` with the regexes of this zoo's first and
+  last layers and residual activation quantizers."""
+  return parse_spec(spec, first=FIRST_LAYER, last=LAST_LAYER,
+                    residual=RESIDUAL)
 
 
 def create_model(name: str, *, num_classes: int, width: float = 1.0,
@@ -68,5 +79,5 @@ def create_model(name: str, *, num_classes: int, width: float = 1.0,
   return model
 
 
-__all__ = ["FIRST_LAYER", "FRAMEWORKS", "LAST_LAYER", "MODELS", "NNX_MODELS",
-           "CifarResNet", "ResNet", "create_model"]
+__all__ = ["FIRST_LAYER", "FRAMEWORKS", "LAST_LAYER", "RESIDUAL", "MODELS", "NNX_MODELS",
+           "CifarResNet", "ResNet", "create_model", "quant_spec"]

@@ -5,7 +5,9 @@ models' twins: plain ``nnx.Conv`` (no bias, He fan-out init), ``nnx.BatchNorm``
 (momentum 0.9, epsilon 1e-5) and an ``nnx.Linear`` head, with attribute names
 that are the linen module paths (``conv_init``, ``bn_init``,
 ``stage{i}_block{j}/conv1|bn1|conv2|bn2[|conv3|bn3][|proj_conv|proj_bn]``,
-``head``). So their state has the linen variables' paths and shapes
+``head``; the activation quantizers ``stem_quant``, ``branch_quant``,
+``shortcut_quant``, `aqt_ext.nnx.QuantAct`, float until a rule names
+them). So their state has the linen variables' paths and shapes
 (``nnx.Param`` = ``params``, ``nnx.BatchStat`` = ``batch_stats``), the same
 `ModelQuant` rules (`aqt_ext.models.FIRST_LAYER` / `LAST_LAYER`) match the
 same layers, and `aqt_ext.nnx.quantize_model` quantizes them in place
@@ -34,6 +36,7 @@ from flax import nnx
 from aqt_ext.models.resnet import (CIFAR_DEPTHS, IMAGENET_STAGES, channels,
                                    check_head_fields,
                                    conv_kernel_init)
+from aqt_ext.nnx.layers import QuantAct
 
 # As the linen models' defaults.
 BN_MOMENTUM = 0.9
@@ -73,11 +76,12 @@ class BasicBlock(nnx.Module):
     self.conv2 = layers.conv(filters, filters, (3, 3))
     self.bn2 = layers.norm(filters,
                            scale_init=_last_scale_init(zero_init_residual))
+    self.branch_quant = QuantAct()
     _add_shortcut(self, in_features, filters, strides, layers)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = nnx.relu(self.bn1(self.conv1(x)))
-    y = self.bn2(self.conv2(y))
+    y = self.branch_quant(self.bn2(self.conv2(y)))
     return nnx.relu(y + _shortcut(self, x))
 
 
@@ -95,12 +99,13 @@ class BottleneckBlock(nnx.Module):
     self.conv3 = layers.conv(filters, 4 * filters, (1, 1))
     self.bn3 = layers.norm(4 * filters,
                            scale_init=_last_scale_init(zero_init_residual))
+    self.branch_quant = QuantAct()
     _add_shortcut(self, in_features, 4 * filters, strides, layers)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = nnx.relu(self.bn1(self.conv1(x)))
     y = nnx.relu(self.bn2(self.conv2(y)))
-    y = self.bn3(self.conv3(y))
+    y = self.branch_quant(self.bn3(self.conv3(y)))
     return nnx.relu(y + _shortcut(self, x))
 
 
@@ -114,14 +119,15 @@ def _add_shortcut(block: nnx.Module, in_features: int, out_features: int,
   if strides != 1 or in_features != out_features:
     block.proj_conv = layers.conv(in_features, out_features, (1, 1), strides)
     block.proj_bn = layers.norm(out_features)
+    block.shortcut_quant = QuantAct()
   else:
-    block.proj_conv = block.proj_bn = None
+    block.proj_conv = block.proj_bn = block.shortcut_quant = None
 
 
 def _shortcut(block: nnx.Module, x: jax.Array) -> jax.Array:
   if block.proj_conv is None:
     return x
-  return block.proj_bn(block.proj_conv(x))
+  return block.shortcut_quant(block.proj_bn(block.proj_conv(x)))
 
 
 class _ResNetBase(nnx.Module):
@@ -183,12 +189,13 @@ class ResNet(_ResNetBase):
     self.conv_init = layers.conv(in_features, stem, (7, 7), (2, 2),
                                  padding=((3, 3), (3, 3)))
     self.bn_init = layers.norm(stem)
+    self.stem_quant = QuantAct()
     out = self._build_stages(stem, stage_sizes, 64, BLOCKS[block], width,
                              layers, zero_init_residual)
     self.head = nnx.Linear(out, num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nnx.relu(self.bn_init(self.conv_init(x)))
+    x = self.stem_quant(nnx.relu(self.bn_init(self.conv_init(x))))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
     return self._stages_and_head(x)
 
@@ -215,12 +222,13 @@ class CifarResNet(_ResNetBase):
     stem = channels(16, width)
     self.conv_init = layers.conv(in_features, stem, (3, 3))
     self.bn_init = layers.norm(stem)
+    self.stem_quant = QuantAct()
     out = self._build_stages(stem, ((depth - 2) // 6,) * 3, 16, BasicBlock,
                              width, layers, zero_init_residual)
     self.head = nnx.Linear(out, num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nnx.relu(self.bn_init(self.conv_init(x)))
+    x = self.stem_quant(nnx.relu(self.bn_init(self.conv_init(x))))
     return self._stages_and_head(x)
 
 

@@ -13,7 +13,12 @@ regexes on stable names:
   ``proj_bn``.
 
 E.g. ``'stage1_block0/conv2'`` is the second conv of the first block of the
-second stage.
+second stage. The activations that meet a residual add have activation
+quantizers (`QuantAct`): ``stem_quant`` (the stem's ReLU output, the first
+block's identity shortcut), and in each block ``branch_quant`` (its last
+BN's output, before the add) and, with a projection, ``shortcut_quant``.
+They are the identity unless a rule names them (the quant spec's ``_rR``,
+`aqt_ext.models.RESIDUAL`).
 
 ImageNet ResNet v1.5 (`ResNet`): 7x7/2 stem conv, 3x3/2 max pool, four stages
 of basic (ResNet-18/34) or bottleneck (ResNet-26/50/101/152/200) blocks, the
@@ -42,7 +47,7 @@ import jax.numpy as jnp
 
 from aqt_ext.config import ModelQuant
 from aqt_ext.core import initializers
-from aqt_ext.linen.layers import QuantConv, QuantDense
+from aqt_ext.linen.layers import QuantAct, QuantConv, QuantDense
 
 ModuleDef = Callable[..., nn.Module]
 
@@ -88,6 +93,7 @@ class BasicBlock(nn.Module):
   norm: ModuleDef
   strides: int = 1
   zero_init_residual: bool = True
+  act: ModuleDef = QuantAct
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -96,6 +102,7 @@ class BasicBlock(nn.Module):
     y = self.conv(self.filters, (3, 3), name="conv2")(y)
     y = self.norm(name="bn2", scale_init=_last_scale_init(
         self.zero_init_residual))(y)
+    y = self.act(name="branch_quant")(y)
     return nn.relu(y + _shortcut(self, x, y.shape))
 
 
@@ -107,6 +114,7 @@ class BottleneckBlock(nn.Module):
   norm: ModuleDef
   strides: int = 1
   zero_init_residual: bool = True
+  act: ModuleDef = QuantAct
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -117,6 +125,7 @@ class BottleneckBlock(nn.Module):
     y = self.conv(4 * self.filters, (1, 1), name="conv3")(y)
     y = self.norm(name="bn3", scale_init=_last_scale_init(
         self.zero_init_residual))(y)
+    y = self.act(name="branch_quant")(y)
     return nn.relu(y + _shortcut(self, x, y.shape))
 
 
@@ -137,30 +146,32 @@ def _shortcut(block: nn.Module, x: jax.Array, shape: tuple[int, ...]
   if x.shape == shape:
     return x
   x = block.conv(shape[-1], (1, 1), block.strides, name="proj_conv")(x)
-  return block.norm(name="proj_bn")(x)
+  return block.act(name="shortcut_quant")(block.norm(name="proj_bn")(x))
 
 
-def _layer_factories(mdl: nn.Module, train: bool) -> tuple[ModuleDef,
-                                                          ModuleDef]:
-  """The conv and norm constructors shared by all layers of `mdl`."""
+def _layer_factories(mdl: nn.Module, train: bool
+                     ) -> tuple[ModuleDef, ModuleDef, ModuleDef]:
+  """The conv, norm and activation-quantizer constructors shared by all
+  layers of `mdl`."""
   conv = functools.partial(QuantConv, use_bias=False, dtype=mdl.dtype,
                            kernel_init=conv_kernel_init, quant=mdl.quant)
   norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                            momentum=mdl.bn_momentum, epsilon=mdl.bn_epsilon,
                            dtype=mdl.dtype)
-  return conv, norm
+  return conv, norm, functools.partial(QuantAct, quant=mdl.quant)
 
 
-def _stages(mdl: nn.Module, x: jax.Array, conv: ModuleDef, norm: ModuleDef,
+def _stages(mdl: nn.Module, x: jax.Array, layers: tuple[ModuleDef, ...],
             stage_sizes: Sequence[int], base_filters: int,
             block_cls: type[nn.Module]) -> jax.Array:
   """Stage i has ``base_filters * 2**i * width`` filters; the first block of
   every stage but the first has stride 2."""
+  conv, norm, act = layers
   for i, num_blocks in enumerate(stage_sizes):
     for j in range(num_blocks):
       x = block_cls(channels(base_filters * 2**i, mdl.width), conv, norm,
                     strides=2 if i > 0 and j == 0 else 1,
-                    zero_init_residual=mdl.zero_init_residual,
+                    zero_init_residual=mdl.zero_init_residual, act=act,
                     name=f"stage{i}_block{j}")(x)
   return x
 
@@ -203,13 +214,13 @@ class ResNet(nn.Module):
     if self.block not in BLOCKS:
       raise ValueError(f"ResNet.block={self.block!r} is not allowed; allowed "
                        f"values: {', '.join(map(repr, BLOCKS))}")
-    conv, norm = _layer_factories(self, train)
+    layers = _layer_factories(self, train)
+    conv, norm, _ = layers
     x = conv(channels(64, self.width), (7, 7), (2, 2),
              padding=((3, 3), (3, 3)), name="conv_init")(x)
-    x = nn.relu(norm(name="bn_init")(x))
+    x = layers[2](name="stem_quant")(nn.relu(norm(name="bn_init")(x)))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
-    x = _stages(self, x, conv, norm, self.stage_sizes, 64,
-                BLOCKS[self.block])
+    x = _stages(self, x, layers, self.stage_sizes, 64, BLOCKS[self.block])
     return _head(self, x)
 
 
@@ -238,9 +249,10 @@ class CifarResNet(nn.Module):
         or (self.depth - 2) % 6):
       raise ValueError(f"CifarResNet.depth={self.depth!r} is not allowed; "
                        "allowed: 6n+2 for n >= 1 (8, 14, 20, 32, 56, 110, ...)")
-    conv, norm = _layer_factories(self, train)
+    layers = _layer_factories(self, train)
+    conv, norm, _ = layers
     x = conv(channels(16, self.width), (3, 3), name="conv_init")(x)
-    x = nn.relu(norm(name="bn_init")(x))
-    x = _stages(self, x, conv, norm, ((self.depth - 2) // 6,) * 3, 16,
+    x = layers[2](name="stem_quant")(nn.relu(norm(name="bn_init")(x)))
+    x = _stages(self, x, layers, ((self.depth - 2) // 6,) * 3, 16,
                 BasicBlock)
     return _head(self, x)

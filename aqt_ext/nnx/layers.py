@@ -37,8 +37,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from aqt_ext.config import LayerQuant, ModelQuant
+from aqt_ext.config import LayerQuant, ModelQuant, TensorQuant, activation_quant
 from aqt_ext.core import contract, initializers, int_ops
+from aqt_ext.core.methods import quantize_activation
 from aqt_ext.core.context import AQUANT, LOSSES, PARAMS, STATS
 from aqt_ext.core.contract import QUANT_RNG
 
@@ -306,6 +307,37 @@ class QuantEinsum(QuantLayer, nnx.Einsum):
     return y
 
 
+class QuantAct(nnx.Module):
+  """`aqt_ext.linen.QuantAct` on NNX: quantizes an activation that no layer
+  takes as its input (e.g. a residual branch's output before the add) and
+  returns its dequantized value. `quant`: a TensorQuant, or a ModelQuant
+  whose first rule matching `path` gives it (the default never applies);
+  `aqt_ext.nnx.quantize_model` sets it. Its static range is `QuantStat`
+  attributes named as the linen variables (``input_amax``, ...), updated in
+  training mode and frozen after ``model.eval()``. Float: the identity."""
+
+  def __init__(self, quant: TensorQuant | ModelQuant = TensorQuant()):
+    activation_quant(quant, "")  # the type, at once
+    self.quant = quant
+    self.path = ""
+    self.use_running_average = False
+    self.initializing = False
+
+  def act_quant(self) -> TensorQuant:
+    return activation_quant(self.quant, self.path)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if _HOOKS and self.act_quant().method != "float":
+      return _HOOKS[-1](self, x)
+    return self.quantized_call(x)
+
+  def quantized_call(self, x: jax.Array) -> jax.Array:
+    tq = self.act_quant()
+    if tq.method == "float":
+      return x
+    return quantize_activation(NnxContext(self), x, tq).fake
+
+
 QUANT_LAYERS: dict[type, type] = {
     nnx.Linear: QuantLinear, nnx.LinearGeneral: QuantLinearGeneral,
     nnx.Conv: QuantConv, nnx.Einsum: QuantEinsum}
@@ -318,9 +350,17 @@ def quant_layers(model: nnx.Module):
       yield "/".join(str(p) for p in path), mdl
 
 
+def quant_acts(model: nnx.Module):
+  """(path, QuantAct) of every activation quantizer in `model`."""
+  for path, mdl in nnx.iter_modules(model):
+    if isinstance(mdl, QuantAct):
+      yield "/".join(str(p) for p in path), mdl
+
+
 def set_paths(model: nnx.Module) -> None:
-  """Sets each quantized layer's `path` to its place in `model`."""
-  for path, layer in quant_layers(model):
+  """Sets each quantized layer's and activation quantizer's `path` to its
+  place in `model`."""
+  for path, layer in (*quant_layers(model), *quant_acts(model)):
     layer.path = path
 
 
@@ -331,7 +371,7 @@ def init(model: nnx.Module, *args, **kwargs) -> Any:
   that existed before (BatchNorm statistics, RNG counts) keeps its value.
   Returns the output."""
   set_paths(model)
-  layers = [layer for _, layer in quant_layers(model)]
+  layers = [m for _, m in (*quant_layers(model), *quant_acts(model))]
   existing = [(v, v.get_value()) for _, v in nnx.iter_graph(model)
               if isinstance(v, nnx.Variable)]
   for layer in layers:

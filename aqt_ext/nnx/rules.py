@@ -31,7 +31,7 @@ from typing import Sequence
 from flax import nnx
 
 from aqt_ext.config import LayerQuant, ModelQuant
-from aqt_ext.nnx.layers import QUANT_LAYERS, QuantLayer, set_paths
+from aqt_ext.nnx.layers import QUANT_LAYERS, QuantAct, QuantLayer, set_paths
 from aqt_ext.rules_report import (LayerMatch, Rules, as_model_quant, Record, RulesReport, is_float,
                                   refuse_unmirrored, supported_base)
 
@@ -111,6 +111,13 @@ def quantize_model(model: nnx.Module, rules: Rules) -> RulesReport:
       continue  # the model itself
     rule, lq = quant.match(path)
     asked = rule is not None and not is_float(lq)
+    if isinstance(mdl, QuantAct):  # an activation quantizer: a rule names it
+      if rule is not None:
+        mdl.quant = quant.for_activation(path)
+        record.layers[path] = LayerMatch("QuantAct", rule,
+                                         quant.rules[rule][0],
+                                         LayerQuant(input=mdl.quant))
+      continue
     if isinstance(mdl, QuantLayer):
       record.layers[path] = LayerMatch(type(mdl).__name__, rule, None
                                        if rule is None else quant.rules[rule][0],

@@ -25,9 +25,10 @@ from flax import nnx
 from aqt_ext import serve
 from aqt_ext.config import ModelQuant
 from aqt_ext.core.context import STATS
-from aqt_ext.nnx.layers import (NnxContext, QuantConv, QuantEinsum,
+from aqt_ext.nnx.layers import (NnxContext, QuantAct, QuantConv, QuantEinsum,
                                 QuantLayer, QuantLinear, QuantLinearGeneral,
-                                QuantStat, intercept, quant_layers, set_paths)
+                                QuantStat, intercept, quant_acts,
+                                quant_layers, set_paths)
 from aqt_ext.rules_report import is_float
 
 KINDS = {QuantLinear: "dense", QuantConv: "conv",
@@ -87,6 +88,39 @@ class NnxView(serve.ServingView):
     self.arrays[name[len(serve.PARAM_PREFIX):]] = value
 
 
+class NnxActView(serve.ServingView):
+  """An NNX `QuantAct` as `aqt_ext.serve` reads a linen one: its serving
+  arrays (the stored scale) in `arrays`."""
+
+  kind = "act"
+
+  def __init__(self, act: QuantAct, arrays: Mapping[str, Any] | None = None):
+    self.layer, self.path = act, act.path
+    self.arrays = dict(arrays or {})
+
+  def quant_context(self):
+    return NnxContext(self.layer)
+
+  def has_variable(self, collection: str, name: str) -> bool:
+    assert collection == "params", collection
+    return (name.startswith(serve.PARAM_PREFIX)
+            and name[len(serve.PARAM_PREFIX):] in self.arrays)
+
+  def get_variable(self, collection: str, name: str):
+    assert self.has_variable(collection, name), name
+    return self.arrays[name[len(serve.PARAM_PREFIX):]]
+
+  def put_variable(self, collection: str, name: str, value) -> None:
+    assert collection == "params" and name.startswith(serve.PARAM_PREFIX)
+    self.arrays[name[len(serve.PARAM_PREFIX):]] = value
+
+
+def _served_acts(model: nnx.Module) -> dict[str, QuantAct]:
+  set_paths(model)
+  return {p: a for p, a in quant_acts(model)
+          if a.act_quant().method != "float"}
+
+
 def _served_layers(model: nnx.Module) -> dict[str, QuantLayer]:
   set_paths(model)
   return {p: layer for p, layer in quant_layers(model)
@@ -137,6 +171,10 @@ def export(model: nnx.Module, example_input: Any, directory: str, *,
     views = {}
 
     def hook(layer, *a, **kw):
+      if isinstance(layer, QuantAct):
+        view = views.setdefault(layer.path, NnxActView(layer))
+        return recorder.record_act(view, layer.act_quant(),
+                                   layer.quantized_call, *a, **kw)
       if layer.path not in layers:
         return layer.quantized_call(*a, **kw)
       view = views.setdefault(layer.path, NnxView(layer))
@@ -169,6 +207,12 @@ def _check(tree: Mapping, metadata: Mapping, model: nnx.Module) -> None:
         "the serving checkpoint's integer layers "
         f"{sorted(stored)} differ from the model's quantized layers "
         f"{sorted(layers)}; load with the model and rules that were exported")
+  acts, stored_acts = _served_acts(model), metadata.get("activations", {})
+  if set(stored_acts) != set(acts):
+    raise ValueError(
+        "the serving checkpoint's quantized activations "
+        f"{sorted(stored_acts)} differ from the model's {sorted(acts)}; load "
+        "with the model and rules that were exported")
   serving = serve.flat_tree(tree[serve.SERVE])
   for path, meta in stored.items():
     want = tuple(layers[path].kernel.shape)
@@ -223,6 +267,10 @@ class ServedNnxModel:
     layers = set(self.metadata["layers"])
 
     def hook(layer, *a, **kw):
+      if isinstance(layer, QuantAct):
+        y = serve.serve_act(NnxActView(layer, arrays.get(layer.path)),
+                            layer.act_quant(), *a, **kw)
+        return layer.quantized_call(*a, **kw) if y is None else y
       if layer.path not in layers:
         return layer.quantized_call(*a, **kw)
       params = {"bias": layer.bias[...]} if layer.bias is not None else {}
@@ -254,7 +302,7 @@ def load(directory: str, model: nnx.Module, *,
       getattr(_node(model, parent), leaf)[...] = value
   arrays = {p: {k[len(p) + 1:]: v for k, v in serve.flat_tree(
       tree[serve.SERVE]).items() if k.startswith(p + "/")}
-            for p in metadata["layers"]}
+            for p in (*metadata["layers"], *metadata.get("activations", {}))}
   model.eval()
   return ServedNnxModel(model, jax.device_put(arrays), metadata,
                         dict(call_kwargs or {}))

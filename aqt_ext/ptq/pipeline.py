@@ -213,7 +213,7 @@ def _check_interval(field: str, value: Any, low: float, high: float,
 def spec_model_quant(quant: str) -> ModelQuant:
   """The bits of every layer: `parse_spec` of ``config.quant``, refused
   unless it is plain uniform (``float`` or ``wWaA[_flB]``)."""
-  mq = parse_spec(quant, first=models.FIRST_LAYER, last=models.LAST_LAYER)
+  mq = models.quant_spec(quant)
   for lq in (mq.default, *(lq for _, lq in mq.rules)):
     if (lq.weight.method not in ("float", "uniform")
         or lq.input.method not in ("float", "uniform")
