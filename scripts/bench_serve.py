@@ -27,7 +27,9 @@ Weights are random (timing does not depend on them); static input ranges
 are calibrated on the benchmark batch. All variants of a batch size are
 compiled / loaded and warmed up first, then timed interleaved (round-robin,
 one batch each per round) so that machine load affects them alike; the
-median is reported. ORT runs with --threads intra-op threads.
+median is reported. ORT runs with --threads intra-op threads that sleep
+between runs (no spin-waiting: a spinning session takes CPU from the
+variant timed after it).
 
   python scripts/bench_serve.py [--rounds 20] [--batch 1,128] [--threads 2]
       [--variants float,served_w8a8,...]
@@ -120,7 +122,7 @@ def make_variant(name: str, x, workdir: str, threads: int):
     path = f"{workdir}/{name}.onnx"
     ox.save(proto, path)
     fused = ox.fused_ops(proto, f"{workdir}/{name}.opt.onnx")
-    sess = ox.session(proto, threads=threads)
+    sess = ox.session(proto, threads=threads, spinning=False)
     fn = lambda a: sess.run(None, {ox.INPUT: np.asarray(a)})[0]  # noqa: E731
     inits = sum(np.asarray(numpy_helper.to_array(t)).nbytes
                 for t in proto.graph.initializer)

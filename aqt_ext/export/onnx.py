@@ -962,14 +962,20 @@ def _output_ranges(proto, names: Sequence[str], x: np.ndarray
 
 
 def session(proto: "onnx.ModelProto", threads: int = 0,
-            optimized_path: str | None = None):
-  """An ONNX Runtime CPU session on `proto` (all graph optimizations)."""
+            optimized_path: str | None = None, spinning: bool = True):
+  """An ONNX Runtime CPU session on `proto` (all graph optimizations).
+
+  ``spinning=False``: its worker threads sleep between runs instead of
+  spin-waiting (ORT's default), so that they take no CPU from other
+  programs run in between (a side-by-side benchmark)."""
   import onnxruntime as ort  # pylint: disable=g-import-not-at-top
   opts = ort.SessionOptions()
   opts.log_severity_level = 3
   if threads:
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+  if not spinning:
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
   if optimized_path:
     opts.optimized_model_filepath = optimized_path
   return ort.InferenceSession(proto.SerializeToString(), opts,
