@@ -188,17 +188,17 @@ def calibrated_dense(model, x):
   return {**v, **upd}
 
 
-@pytest.fixture(scope="module")
-def digits_model():
-  """The CNN at w4a4 (first / last layer 8-bit), static input ranges,
-  trained by QAT for 200 Adam steps on scikit-learn's digits (1,400 train
-  images); the 397 others are the test images."""
+def digits():
+  """scikit-learn's digits in [-0.5, 0.5]: (train x, y, test x, y), the
+  first 1,400 images for training."""
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
   d = load_digits()
   images = (d.images / 16.0).astype(np.float32)[..., None] - 0.5
-  xtr, ytr, xte, yte = images[:1400], d.target[:1400], images[1400:], d.target[
-      1400:]
-  model = quantize_model(CNN(), cnn_quant())
+  return images[:1400], d.target[:1400], images[1400:], d.target[1400:]
+
+
+def qat_train(model, xtr, ytr, steps):
+  """`model`'s variables after `steps` QAT steps of Adam (batches of 64)."""
   v = jax.jit(functools.partial(model.init, **EVAL))(jax.random.PRNGKey(0),
                                                       xtr[:32])
   params, rest = v["params"], {k: c for k, c in v.items() if k != "params"}
@@ -217,10 +217,20 @@ def digits_model():
     return optax.apply_updates(params, u), {**rest, **upd}, opt
 
   rng = np.random.default_rng(0)
-  for _ in range(200):
+  for _ in range(steps):
     idx = rng.integers(0, len(xtr), 64)
     params, rest, opt = step(params, rest, opt, xtr[idx], ytr[idx])
-  return model, {"params": params, **rest}, xtr, xte, yte
+  return {"params": params, **rest}
+
+
+@pytest.fixture(scope="module")
+def digits_model():
+  """The CNN at w4a4 (first / last layer 8-bit), static input ranges,
+  trained by QAT for 200 Adam steps on scikit-learn's digits (1,400 train
+  images); the 397 others are the test images."""
+  xtr, ytr, xte, yte = digits()
+  model = quantize_model(CNN(), cnn_quant())
+  return (model, qat_train(model, xtr, ytr, 200)) + (xtr, xte, yte)
 
 
 @pytest.mark.parametrize("requantize", [False, True])
@@ -300,35 +310,10 @@ def digits_resnet():
   """The zoo's ResNet-8 (width 0.5) at ``w4a4_fl8_static_r8``: the
   activations that meet a residual add are quantized in QAT. Trained by QAT
   for 150 Adam steps on scikit-learn's digits (first 1,400 images)."""
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-  d = load_digits()
-  images = (d.images / 16.0).astype(np.float32)[..., None] - 0.5
-  xtr, ytr, xte, yte = images[:1400], d.target[:1400], images[1400:], d.target[
-      1400:]
+  xtr, ytr, xte, yte = digits()
   model = models.create_model("cifar_resnet8", num_classes=10, width=0.5,
                               quant=models.quant_spec("w4a4_fl8_static_r8"))
-  v = jax.jit(functools.partial(model.init, **EVAL))(jax.random.PRNGKey(0),
-                                                      xtr[:32])
-  params, rest = v["params"], {k: c for k, c in v.items() if k != "params"}
-  tx = optax.adam(3e-3)
-  opt = tx.init(params)
-
-  @jax.jit
-  def step(params, rest, opt, x, y):
-    def loss(p):
-      out, upd = model.apply({"params": p, **rest}, x, train=True,
-                             mutable=["batch_stats", "quant_stats"])
-      return optax.softmax_cross_entropy_with_integer_labels(out, y).mean(), (
-          upd)
-    (_, upd), g = jax.value_and_grad(loss, has_aux=True)(params)
-    u, opt = tx.update(g, opt, params)
-    return optax.apply_updates(params, u), {**rest, **upd}, opt
-
-  rng = np.random.default_rng(0)
-  for _ in range(150):
-    idx = rng.integers(0, len(xtr), 64)
-    params, rest, opt = step(params, rest, opt, xtr[idx], ytr[idx])
-  return model, {"params": params, **rest}, xtr, xte, yte
+  return (model, qat_train(model, xtr, ytr, 150)) + (xtr, xte, yte)
 
 
 def test_residual_quantized_resnet_is_exact_and_fully_fused(digits_resnet,

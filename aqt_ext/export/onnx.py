@@ -403,14 +403,7 @@ class _Builder:
       dq = self.fake_quant(x.name, sx, zp, lo, hi, hint)
     else:
       zx = self.const(ctype(zp), hint + ".input_zero_point")
-      q = self.node("QuantizeLinear", [x.name, sx, zx], hint + ".q")
-      info = np.iinfo(ctype)
-      if (lo, hi) != (info.min, info.max):
-        # The grid's range bounds q itself (zero point included), as in
-        # `qz.quantize`.
-        q = self.node("Clip", [q, self.const(ctype(lo), hint + ".qmin"),
-                               self.const(ctype(hi), hint + ".qmax")],
-                      hint + ".clip")
+      q = self.quantize(x.name, sx, zx, ctype, lo, hi, hint + ".")
       kx = 255 // hi if (self.widen_inputs and unsigned and zp == 0
                          and hi < 255) else 1
       if kx > 1:  # the same integers times kx, on a kx times finer scale
@@ -508,14 +501,22 @@ class _Builder:
     ctype = np.uint8 if lo >= 0 else np.int8
     s = self.const(np.float32(scale), hint + "_scale")
     z = self.const(ctype(zp), hint + "_zero_point")
-    q = self.node("QuantizeLinear", [t.name, s, z], hint + "_q")
-    info = np.iinfo(ctype)
-    if (lo, hi) != (info.min, info.max):
-      q = self.node("Clip", [q, self.const(ctype(lo), hint + "_qmin"),
-                             self.const(ctype(hi), hint + "_qmax")],
-                    hint + "_clip")
+    q = self.quantize(t.name, s, z, ctype, lo, hi, hint + "_")
     return dataclasses.replace(t, name=self.node(
         "DequantizeLinear", [q, s, z], hint + "_dq"))
+
+  def quantize(self, x: str, s: str, z: str, ctype, lo: int, hi: int,
+               prefix: str) -> str:
+    """QuantizeLinear of `x` to `ctype`, then a Clip where the grid [lo, hi]
+    is narrower than the type: the grid's range bounds q itself (zero point
+    included), as in `qz.quantize`."""
+    q = self.node("QuantizeLinear", [x, s, z], prefix + "q")
+    info = np.iinfo(ctype)
+    if (lo, hi) != (info.min, info.max):
+      q = self.node("Clip", [q, self.const(ctype(lo), prefix + "qmin"),
+                             self.const(ctype(hi), prefix + "qmax")],
+                    prefix + "clip")
+    return q
 
   def act(self, index: int, x: Any, use: int, where: str) -> _T:
     """A quantized activation: on an integer layer's output that nothing
