@@ -354,4 +354,6 @@ def test_residual_quantized_resnet_is_exact_and_fully_fused(digits_resnet,
     assert fused.get("Conv", 0) + fused.get("FusedConv", 0) == nfloat, fused
     (y,) = ox.session(proto).run(None, {ox.INPUT: xte})
     agree = np.mean(y.argmax(-1) == qat.argmax(-1))
-    assert agree >= 0.995, (requantize, agree)
+    # Measured 396 of 397 in every graph; ORT's int32 biases may flip a few
+    # more on other CPUs' kernels.
+    assert agree >= 0.99, (requantize, agree)

@@ -148,7 +148,7 @@ class _Recorder:
     return _INT_LAYER.bind(x, index=len(self.records) - 1, out=out)
 
   def act(self, mdl, tq, x):
-    path = serve.join_path(*(str(p) for p in mdl.scope.path))
+    path = serve._path(mdl)  # pylint: disable=protected-access
     with jax.ensure_compile_time_eval():
       qp = serve.act_qparams(mdl, tq)
     if qp is None:
