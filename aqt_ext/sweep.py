@@ -101,7 +101,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import ml_collections
 
 from aqt_ext import fileio, pareto, slurm
-from aqt_ext.config import MAX_BITS, MIN_BITS, QUANT_METHODS, parse_spec
+from aqt_ext.config import MAX_BITS, MIN_BITS, QUANT_METHODS
 
 RESULTS_FILE = "results.jsonl"
 POINTS_DIR = "points"
@@ -109,9 +109,13 @@ SWEEP_CONFIG_FILE = "sweep_config.json"
 JAX_CACHE_DIR = "jax_cache"
 EXIT_POINT_FAILED = 3  # a worker's exit status after recording a failure
 UNQUANTIZED = ("float", "bf16")
-# A quants value: W/A bits or fp8, and an optional quantized backward pass
-# (`config.parse_spec`'s ``_gG[sr]``), e.g. 'w8a8_g8', 'fp8_ge5m2'.
+# A quants value: W/A bits or fp8, then `config.parse_spec`'s optional
+# ``_static`` (static input ranges), ``_rR`` (the zoo's residual adds
+# quantized to R bits) and ``_gG[sr]`` (a quantized backward pass), e.g.
+# 'w8a8_g8', 'fp8_ge5m2', 'w4a4_static_r8'. The first/last bits go between
+# the forward part and these (`Point.spec`).
 _QUANT_RE = re.compile(r"^(?P<fwd>w(\d+|f)a(\d+|f)|fp8(?:_e4m3|_e5m2)?)"
+                       r"(?P<static>_static)?(?P<res>_r\d+)?"
                        r"(?P<grads>_g(?:\d+|e4m3|e5m2)(?:sr)?)?$")
 
 
@@ -245,7 +249,7 @@ class Point:
     fl = f"_fl{self.first_last}" if self.first_last is not None else ""
     m = _QUANT_RE.match(self.quant)
     return ((f"{prefix}:" if prefix else "") + m.group("fwd") + fl
-            + (m.group("grads") or ""))
+            + "".join(m.group(g) or "" for g in ("static", "res", "grads")))
 
   @property
   def kind(self) -> str:
@@ -337,8 +341,10 @@ def _check_sweep(sweep: ml_collections.ConfigDict) -> None:
                          f" A in {MIN_BITS}..{MAX_BITS} or 'f' (the method "
                          "goes in config.methods, first/last bits in "
                          "config.first_last), or 'fp8[_e4m3|_e5m2]'; either "
-                         "quantized form may end in a quantized backward "
-                         "pass '_gG[sr]' with G bits, 'e4m3' or 'e5m2'")
+                         "quantized form may end in '_static' (static input "
+                         "ranges), '_rR' (residual adds at R bits) and a "
+                         "quantized backward pass '_gG[sr]' with G bits, "
+                         "'e4m3' or 'e5m2', in that order")
   for i, fl in enumerate(sweep.first_last):
     if fl is not None and (isinstance(fl, bool) or fl not in range(
         MIN_BITS, MAX_BITS + 1)):
@@ -371,6 +377,7 @@ def make_points(sweep: ml_collections.ConfigDict) -> list[Point]:
   Order: models, quants, first_last, methods, seeds (seeds vary fastest); a
   point's index in this list is its ``--point_index``.
   """
+  from aqt_ext import models  # pylint: disable=g-import-not-at-top
   _check_sweep(sweep)
   finetune = tuple(sorted(dict(sweep.get("finetune") or {}).items()))
   points: dict[str, Point] = {}
@@ -378,18 +385,25 @@ def make_points(sweep: ml_collections.ConfigDict) -> list[Point]:
       sweep.models, sweep.quants, sweep.first_last, sweep.methods,
       sweep.seeds):
     methodless = _methodless(quant)
-    if (not methodless and METHODS[method].kind == "ptq"
-        and _QUANT_RE.match(quant).group("grads")):
+    kind = None if methodless else METHODS[method].kind
+    m = None if quant in UNQUANTIZED else _QUANT_RE.match(quant)
+    if kind == "ptq" and m.group("grads"):
       raise ValueError(
           f"config.quants has {quant!r}, a quantized backward pass, and "
           f"config.methods the PTQ method {method!r}, which does not train; "
           "allowed with a gradient suffix: the QAT methods")
+    if kind in _FROM_FLOAT and (m.group("static") or m.group("res")):
+      raise ValueError(
+          f"config.quants has {quant!r} ('_static' / '_rR') and "
+          f"config.methods the {kind} method {method!r}, which calibrates "
+          "its own ranges and quantizes no residual add; allowed with these "
+          "suffixes: the QAT methods")
     p = Point(model, float(width), quant, None if methodless else fl,
               None if methodless else method, seed)
     if finetune and quant not in UNQUANTIZED and p.kind in ("qat", "mp"):
       p = dataclasses.replace(p, finetune=finetune)
     try:
-      parse_spec(p.spec)
+      models.quant_spec(p.spec)  # the zoo's first/last/residual regexes
     except ValueError as e:
       raise ValueError(f"config.quants / config.methods / config.first_last "
                        f"give the invalid spec {p.spec!r}: {e}") from None

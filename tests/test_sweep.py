@@ -168,6 +168,35 @@ def test_low_precision_training_quants():
     sweep.make_points(bad)
 
 
+def test_static_and_residual_quants():
+  """'_static' and '_rR' quants (the ONNX-exact deployment specs) make the
+  specs the trainer reads, the first/last bits in their place, with the
+  zoo's residual quantizers; with a PTQ method, or an fp8 one, they are
+  refused before any point runs."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from aqt_ext import models  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict(dict(
+      base=dict(num_epochs=1.0), models=(("cifar_resnet8", 0.5),),
+      quants=("w4a4_static_r8", "w4a4_r8_g8"), first_last=(None, 8),
+      methods=("uniform",), seeds=(0,)))
+  specs = sorted(p.spec for p in sweep.make_points(c))
+  assert specs == ["w4a4_fl8_r8_g8", "w4a4_fl8_static_r8", "w4a4_r8_g8",
+                   "w4a4_static_r8"]
+  mq = models.quant_spec("w4a4_fl8_static_r8")
+  assert mq.for_activation("stage1/block0/branch_quant").bits == 8
+  assert mq.for_path("stage1/block0/conv1").input.calibration == "static"
+  bad = ml_collections.ConfigDict(c.to_dict())
+  bad.quants, bad.methods = ("float", "w4a4_r8"), ("pwlq",)
+  with pytest.raises(ValueError, match="'w4a4_r8'.*ptq method 'pwlq'.*QAT"):
+    sweep.make_points(bad)
+  bad.quants, bad.methods = ("w4a4_r8_static",), ("uniform",)
+  with pytest.raises(ValueError, match=r"quants\[0\]='w4a4_r8_static'"):
+    sweep.make_points(bad)
+  bad.quants = ("fp8_static",)
+  with pytest.raises(ValueError, match="invalid spec 'fp8_static'"):
+    sweep.make_points(bad)
+
+
 def test_mixed_precision_and_finetuned_points():
   """'mp' points take their budget from the uniform spec, start from the
   float point, and carry their allocation options; with ``finetune`` the
