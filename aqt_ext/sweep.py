@@ -112,9 +112,10 @@ UNQUANTIZED = ("float", "bf16")
 # A quants value: W/A bits or fp8, then `config.parse_spec`'s optional
 # ``_static`` (static input ranges), ``_rR`` (the zoo's residual adds
 # quantized to R bits) and ``_gG[sr]`` (a quantized backward pass), e.g.
-# 'w8a8_g8', 'fp8_ge5m2', 'w4a4_static_r8'. The first/last bits go between
-# the forward part and these (`Point.spec`).
-_QUANT_RE = re.compile(r"^(?P<fwd>w(\d+|f)a(\d+|f)|fp8(?:_e4m3|_e5m2)?)"
+# 'w8a8_g8', 'fp8_delayed_ge5m2', 'w4a4_static_r8'. The first/last bits go
+# between the forward part and these (`Point.spec`).
+_QUANT_RE = re.compile(r"^(?P<fwd>w(\d+|f)a(\d+|f)|fp8(?:_e4m3|_e5m2)?"
+                       r"(?:_delayed)?)"
                        r"(?P<static>_static)?(?P<res>_r\d+)?"
                        r"(?P<grads>_g(?:\d+|e4m3|e5m2)(?:sr)?)?$")
 
@@ -340,7 +341,7 @@ def _check_sweep(sweep: ml_collections.ConfigDict) -> None:
       raise _field_error(f"quants[{i}]", q, "'float', 'bf16', 'wWaA' with W,"
                          f" A in {MIN_BITS}..{MAX_BITS} or 'f' (the method "
                          "goes in config.methods, first/last bits in "
-                         "config.first_last), or 'fp8[_e4m3|_e5m2]'; either "
+                         "config.first_last), or 'fp8[_e4m3|_e5m2][_delayed]'; either "
                          "quantized form may end in '_static' (static input "
                          "ranges), '_rR' (residual adds at R bits) and a "
                          "quantized backward pass '_gG[sr]' with G bits, "

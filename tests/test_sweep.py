@@ -172,7 +172,7 @@ def test_static_and_residual_quants():
   """'_static' and '_rR' quants (the ONNX-exact deployment specs) make the
   specs the trainer reads, the first/last bits in their place, with the
   zoo's residual quantizers; with a PTQ method, or an fp8 one, they are
-  refused before any point runs."""
+  refused before any point runs. fp8's '_delayed' passes through."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   from aqt_ext import models  # pylint: disable=g-import-not-at-top
   c = ml_collections.ConfigDict(dict(
@@ -195,6 +195,10 @@ def test_static_and_residual_quants():
   bad.quants = ("fp8_static",)
   with pytest.raises(ValueError, match="invalid spec 'fp8_static'"):
     sweep.make_points(bad)
+  c.quants = ("fp8_delayed_ge5m2",)  # delayed scaling: parse_spec's form
+  (p,) = sweep.make_points(c)
+  assert p.spec == "fp8_delayed_ge5m2"
+  assert models.quant_spec(p.spec).default.input.calibration == "delayed"
 
 
 def test_mixed_precision_and_finetuned_points():
